@@ -1,0 +1,17 @@
+"""hf_largebatch: large-batch training for Hugging Face Transformers.
+
+Public API::
+
+    LargeBatchTrainer      drop-in transformers.Trainer
+    LargeBatchArguments    TrainingArguments + lr_scaling / base_batch_size / legw_base_warmup_epochs / ...
+    Algorithm              TrainerCallback with the extra large-batch events and checkpoint state
+    LRHistory              callback recording the applied LR, loss and examples seen per step (for plots)
+"""
+
+from .algorithm import Algorithm
+from .arguments import LargeBatchArguments
+from .reporting import LRHistory
+from .trainer import LargeBatchTrainer
+
+__all__ = ["Algorithm", "LargeBatchArguments", "LargeBatchTrainer", "LRHistory"]
+__version__ = "0.1.0"

@@ -1,0 +1,70 @@
+"""``Algorithm``: a ``TrainerCallback`` with the events large-batch methods need and HF callbacks lack.
+
+``LargeBatchTrainer`` fires, for every algorithm among its callbacks, in this order within one optimizer step
+(single process and DDP; tested in ``tests/test_events.py``)::
+
+    on_step_begin                                   (HF)
+      per micro-batch k = 0..n-1:
+        on_local_gradient(name, param, grad, weight)   once per parameter, during backward: the *local,
+                                                       unreduced* micro-batch gradient (a tensor hook);
+                                                       ``grad / weight`` is the gradient of that micro-batch's
+                                                       own mean loss
+        on_micro_batch_end(micro_step, num_micro_batches, loss)
+        on_substep_end                              (HF, not after the last micro-batch)
+    on_reduced_gradients(model, grad_sq_norm)       the step's reduced (rank-averaged) gradient, before
+                                                    clipping; ``p.grad`` is readable in single process and DDP,
+                                                    ``None`` under DeepSpeed ZeRO (where this event fires from
+                                                    inside the optimizer step, before the update)
+    on_step_loss(loss)                              the step's loss averaged over micro-batches and ranks
+    on_pre_optimizer_step / on_optimizer_step       (HF)
+    on_step_end                                     (HF)
+
+Every algorithm also owns its checkpoint state: ``state_dict()`` returns plain tensors/numbers (saved with
+``torch.save`` in each checkpoint and loaded with ``weights_only=True`` on resume), ``load_state_dict`` restores
+it, and ``log_metrics()`` adds its numbers to every logging step.
+
+The expensive events (per-parameter gradient hooks, the reduced norm, the loss all-reduce) are only wired when
+some algorithm overrides them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+EXTRA_EVENTS = ("on_local_gradient", "on_micro_batch_end", "on_reduced_gradients", "on_step_loss")
+
+
+class Algorithm(TrainerCallback):
+    """Base class: override the events you need; keep the maths in a plain function next to it."""
+
+    #: key under which this algorithm's state is stored in checkpoints
+    name: str = "algorithm"
+
+    def on_local_gradient(self, args, state, control, *, name: str, param: torch.nn.Parameter,
+                          grad: torch.Tensor, weight: float, **kwargs):
+        pass
+
+    def on_micro_batch_end(self, args, state, control, *, micro_step: int, num_micro_batches: int,
+                           loss: torch.Tensor, **kwargs):
+        pass
+
+    def on_reduced_gradients(self, args, state, control, *, model, grad_sq_norm: torch.Tensor, **kwargs):
+        pass
+
+    def on_step_loss(self, args, state, control, *, loss: float, **kwargs):
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self) -> dict[str, float]:
+        return {}
+
+    def overrides(self, event: str) -> bool:
+        return getattr(type(self), event) is not getattr(Algorithm, event)

@@ -1,0 +1,105 @@
+"""What differs between single process, DDP and DeepSpeed ZeRO, and the launch mistakes we refuse.
+
+Facts this module acts on (measured here, DESIGN.md section 2-3):
+
+* ``accelerate launch --cpu --num_processes 2`` starts *one* process (it sets ``MASTER_ADDR`` but no
+  ``WORLD_SIZE``); nothing fails, the run is silently single-process.
+* DeepSpeed through the Trainer on CPU: Accelerate's state has no backend without CUDA and reports one process
+  while ``torch.distributed`` has two, so every rank trains on the same data. Creating
+  ``PartialState(backend="gloo")`` first (with ``ACCELERATE_USE_DEEPSPEED=true`` and a configured state) fixes it.
+* A DeepSpeed config with an ``optimizer`` block bypasses ``create_optimizer``; a ``scheduler`` block hands the LR
+  to a DeepSpeed scheduler. Our scheduler must own the LR, so both are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def check_launch(environ: dict | None = None) -> None:
+    """Refuse launches that would silently run one process where several were asked for."""
+    env = os.environ if environ is None else environ
+    if env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
+        raise RuntimeError(
+            "`accelerate launch --cpu --num_processes N` starts a single process on CPU. For N CPU processes use "
+            "`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N script.py ...` or "
+            "`torchrun --nproc_per_node N script.py ... --use_cpu`."
+        )
+
+
+def check_world_size(args_world_size: int, environ: dict | None = None) -> None:
+    """The Trainer must see the same world as the launcher and ``torch.distributed``."""
+    env = os.environ if environ is None else environ
+    launched = int(env.get("WORLD_SIZE", "1"))
+    actual = dist.get_world_size() if dist.is_available() and dist.is_initialized() else launched
+    if args_world_size != launched or args_world_size != actual:
+        raise RuntimeError(
+            f"the launcher started {launched} processes (torch.distributed sees {actual}) but the Trainer counts "
+            f"{args_world_size}: every rank would train on the same data. On CPU pass `--use_cpu` (DDP), or for "
+            "DeepSpeed build LargeBatchArguments before anything touches accelerate's state."
+        )
+
+
+def load_deepspeed_config(deepspeed: str | dict | None) -> dict[str, Any] | None:
+    if deepspeed is None:
+        return None
+    if isinstance(deepspeed, dict):
+        return deepspeed
+    if not os.path.isfile(deepspeed):
+        raise FileNotFoundError(f"DeepSpeed config {deepspeed!r} does not exist")
+    with open(deepspeed) as f:
+        return json.load(f)
+
+
+def check_deepspeed_config(config: dict[str, Any] | None) -> None:
+    """Our scheduler owns the LR: a DeepSpeed optimizer or scheduler block would take it over silently."""
+    if not config:
+        return
+    for block, why in (
+        ("optimizer", "DeepSpeed would build its own optimizer and never call the Trainer's create_optimizer"),
+        ("scheduler", "a DeepSpeed scheduler would own the learning rate instead of hf_largebatch's scheduler"),
+    ):
+        if block in config:
+            raise ValueError(
+                f"the DeepSpeed config has a {block!r} block: {why}. Remove the {block!r} block; set the optimizer "
+                "and schedule through LargeBatchArguments (optim, learning_rate, lr_scheduler_type, warmup_steps)."
+            )
+
+
+def zero_stage(config: dict[str, Any] | None) -> int:
+    if not config:
+        return 0
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def prepare_cpu_deepspeed(accelerator_config: Any) -> Any:
+    """Make Accelerate count the real world when DeepSpeed runs on CPU under torchrun/accelerate.
+
+    Returns the ``accelerator_config`` to use (with ``use_configured_state`` set). A no-op with CUDA or when the
+    process was not launched as part of a multi-process job.
+    """
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return accelerator_config
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    if accelerator_config is None:
+        accelerator_config = {}
+    if isinstance(accelerator_config, dict):
+        accelerator_config = {**accelerator_config, "use_configured_state": True}
+    else:
+        accelerator_config.use_configured_state = True
+    return accelerator_config
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place); identity in a single process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

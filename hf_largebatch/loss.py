@@ -1,0 +1,58 @@
+"""Loss normalisation that makes the gradient independent of how the global batch is split.
+
+The objective of one optimizer step must be the same function of the global batch whether it arrives as 1 x B,
+B/2 x 2 accumulation steps, 2 ranks x B/2 or 2 ranks x 2 x B/4:
+
+* ``mean``: every micro-batch contributes its own mean loss with weight ``1 / (micro-batches per step)``; ranks
+  are averaged by DDP/DeepSpeed. Exact for per-example losses (classification) with equal micro-batch sizes.
+* ``tokens``: token-level cross-entropy summed over the micro-batch and divided by the number of label tokens in
+  the *whole* global batch (all micro-batches, all ranks), times the world size to undo the ranks' averaging.
+  Exact for language-model losses whatever the padding.
+
+transformers 5.23 does neither for models whose ``forward`` takes ``**kwargs`` but ignores
+``num_items_in_batch`` (ResNet/BERT classifiers, ...): gradients come out x grad_accum x world_size. The trainer
+therefore never forwards ``num_items_in_batch`` to the model and applies one of the two rules itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSS_NORMALIZATIONS = ("auto", "mean", "tokens")
+IGNORE_INDEX = -100
+
+
+def is_token_level(labels) -> bool:
+    """Integer labels with a sequence dimension are per-token targets (LM, seq2seq, token classification)."""
+    return (
+        isinstance(labels, torch.Tensor)
+        and labels.dim() >= 2
+        and not torch.is_floating_point(labels)
+    )
+
+
+def resolve(mode: str, labels) -> str:
+    if mode == "auto":
+        return "tokens" if is_token_level(labels) else "mean"
+    return mode
+
+
+def count_label_tokens(labels: torch.Tensor, shift: bool) -> torch.Tensor:
+    """Label tokens that enter the loss (causal LMs predict token t+1 from t, so the first position never does)."""
+    if shift:
+        labels = labels[..., 1:]
+    return labels.ne(IGNORE_INDEX).sum()
+
+
+def summed_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> torch.Tensor:
+    """Sum (not mean) of the token cross-entropies, fp32, ignoring ``-100`` labels."""
+    if shift:
+        logits = logits[..., :-1, :]
+        labels = labels[..., 1:]
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(),
+        labels.reshape(-1).to(logits.device),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )

@@ -1,0 +1,76 @@
+"""What a run did, per optimizer step, and plots of it.
+
+``LRHistory`` records the LR each optimizer step applied, the step's globally averaged loss and the examples
+seen. It is an ``Algorithm`` so its record is part of every checkpoint and a resumed run plots the whole run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .algorithm import Algorithm
+
+
+class LRHistory(Algorithm):
+    """Per-step record: ``step``, ``examples`` (global batch x steps), ``learning_rate`` (applied), ``loss``."""
+
+    name = "lr_history"
+
+    def __init__(self, global_batch_size: int):
+        self.global_batch_size = global_batch_size
+        self.steps: list[int] = []
+        self.learning_rates: list[float] = []
+        self.losses: list[float] = []
+        self._pending_loss = float("nan")
+
+    def on_step_loss(self, args, state, control, *, loss, **kwargs):
+        self._pending_loss = loss
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # The scheduler has not stepped yet: this is the LR the update just used.
+        self.steps.append(state.global_step + 1)
+        self.learning_rates.append(float(optimizer.param_groups[0]["lr"]))
+        self.losses.append(self._pending_loss)
+
+    @property
+    def examples(self) -> list[int]:
+        return [s * self.global_batch_size for s in self.steps]
+
+    def state_dict(self):
+        return {
+            "steps": torch.tensor(self.steps, dtype=torch.long),
+            "learning_rates": torch.tensor(self.learning_rates, dtype=torch.float64),
+            "losses": torch.tensor(self.losses, dtype=torch.float64),
+        }
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"].tolist()
+        self.learning_rates = state["learning_rates"].tolist()
+        self.losses = state["losses"].tolist()
+
+
+def plot_lr_and_loss(histories: dict[str, LRHistory], path: str, title: str = "") -> str:
+    """Two panels against examples seen: applied LR and training loss, one line per run. Returns ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_lr, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, hist in histories.items():
+        ax_lr.plot(hist.examples, hist.learning_rates, label=label)
+        ax_loss.plot(hist.examples, hist.losses, label=label, alpha=0.8)
+    ax_lr.set_xlabel("examples seen")
+    ax_lr.set_ylabel("learning rate (applied)")
+    ax_loss.set_xlabel("examples seen")
+    ax_loss.set_ylabel("training loss (step mean)")
+    ax_loss.set_yscale("log")
+    for ax in (ax_lr, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,258 @@
+"""``LargeBatchTrainer``: a drop-in ``transformers.Trainer`` that scales to large batches.
+
+What it adds to ``Trainer`` (same constructor):
+
+* **split-invariant gradients** (``loss.py``): the same global batch gives the same update however it is split
+  over gradient-accumulation steps and ranks;
+* **one scheduler that owns the LR** (``scaling.py``): the scaling rule's peak LR and warm-up, followed by any HF
+  ``lr_scheduler_type`` decay, in a single HF ``LambdaLR`` that HF and DeepSpeed step once per optimizer step;
+* **the events of** ``Algorithm`` (``algorithm.py``) and their checkpoint state;
+* **honest logs**: ``learning_rate`` is the LR the optimizer applied in the step (read inside ``optimizer.step``),
+  plus ``scale`` (S = B / B0) and every algorithm's metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import torch
+from transformers import Trainer
+from transformers.optimization import get_scheduler
+
+from . import backends
+from . import loss as loss_rules
+from .algorithm import Algorithm
+from .scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier
+
+ALGORITHM_STATE_FILE = "hf_largebatch_algorithms_rank{rank}.pt"
+
+_DEFAULTS = {"lr_scaling": "none", "base_batch_size": None, "legw_base_warmup_epochs": 0.0,
+             "loss_normalization": "auto"}
+
+
+class LargeBatchTrainer(Trainer):
+    """``Trainer`` with large-batch LR scaling, split-invariant gradients and algorithm events.
+
+    Accepts plain ``TrainingArguments`` too (then: no LR scaling, ``loss_normalization="auto"``).
+    Algorithms are ``Algorithm`` callbacks passed through ``callbacks=[...]`` or ``add_callback``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # We weight micro-batches ourselves (loss.py); never let the model normalise by num_items_in_batch.
+        self.model_accepts_loss_kwargs = False
+        backends.check_world_size(self.args.world_size)
+        self.global_batch_size = (
+            self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        )
+        base = self._option("base_batch_size")
+        self.scale = 1.0 if base is None else batch_scale(self.global_batch_size, base)
+        self._micro_step = 0
+        self._micro_weight = 1.0
+        self._step_loss_sum = None
+        self._applied_lrs: list[float] = []
+        self._reduced_fired = False
+        self._grad_hook_handles: list = []
+
+    # ------------------------------------------------------------------ options and algorithms
+    def _option(self, name):
+        return getattr(self.args, name, _DEFAULTS[name])
+
+    @property
+    def algorithms(self) -> list[Algorithm]:
+        return [cb for cb in self.callback_handler.callbacks if isinstance(cb, Algorithm)]
+
+    def _fire(self, event: str, **kwargs) -> None:
+        for alg in self.algorithms:
+            if alg.overrides(event):
+                getattr(alg, event)(self.args, self.state, self.control, **kwargs)
+
+    def _wanted(self, event: str) -> bool:
+        return any(alg.overrides(event) for alg in self.algorithms)
+
+    # ------------------------------------------------------------------ optimizer and LR ownership
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if not getattr(optimizer, "_hf_largebatch_hooked", False):
+            optimizer.register_step_pre_hook(self._before_optimizer_step)
+            optimizer._hf_largebatch_hooked = True
+        return optimizer
+
+    def lr_plan(self, num_training_steps: int) -> tuple[float, int]:
+        """(peak-LR multiplier, warm-up steps) of the configured scaling rule at this run's scale."""
+        rule = self._option("lr_scaling")
+        multiplier = peak_lr_multiplier(rule, self.scale)
+        if rule == "legw":
+            warmup = legw_warmup_steps(self.scale, self._option("legw_base_warmup_epochs"),
+                                       self._update_steps_per_epoch())
+        else:
+            warmup = self.args.get_warmup_steps(num_training_steps)
+        return multiplier, warmup
+
+    def _update_steps_per_epoch(self) -> int:
+        micro_batches = len(self.get_train_dataloader())
+        ga = self.args.gradient_accumulation_steps
+        return max(micro_batches // ga + int(micro_batches % ga > 0), 1)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is not None:
+            if self._option("lr_scaling") != "none" and not self._created_lr_scheduler:
+                raise ValueError("lr_scaling needs LargeBatchTrainer to build the LR scheduler: do not pass a "
+                                 "scheduler in `optimizers=(optimizer, scheduler)`; use lr_scheduler_type instead")
+            return self.lr_scheduler
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        multiplier, warmup = self.lr_plan(num_training_steps)
+        # The scheduler's base LR is the scaled peak: warm-up and decay then act on it, in one LambdaLR.
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * multiplier
+        self.lr_scheduler = get_scheduler(
+            self.args.lr_scheduler_type,
+            optimizer=optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=num_training_steps,
+            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _before_optimizer_step(self, optimizer, args, kwargs):
+        # Under DeepSpeed ZeRO this runs once per param group (the engine steps groups one by one).
+        self._applied_lrs.extend(group["lr"] for group in optimizer.param_groups)
+        if not self._reduced_fired and self._wanted("on_reduced_gradients"):
+            self._fire_reduced_gradients(self.model)
+
+    def _get_learning_rate(self) -> float:
+        if self._applied_lrs:
+            return self._applied_lrs[0]
+        return super()._get_learning_rate()
+
+    # ------------------------------------------------------------------ split-invariant loss
+    def _loss_mode(self, labels) -> str:
+        return loss_rules.resolve(self._option("loss_normalization"), labels)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.compute_loss_func is not None or not batch_samples:
+            return batch_samples, num_items
+        if self._loss_mode(batch_samples[0].get("labels")) != "tokens":
+            return batch_samples, None
+        count = sum(loss_rules.count_label_tokens(b["labels"], self._loss_shifts_labels) for b in batch_samples)
+        count = backends.all_reduce_sum(torch.as_tensor(count, device=device))
+        return batch_samples, count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training or self.compute_loss_func is not None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.get("labels")
+        if self._loss_mode(labels) == "mean":
+            # A per-micro-batch mean: the Trainer divides it by the micro-batches of this step; DDP averages ranks.
+            self.loss_is_scaled_for_ga = False
+            self._micro_weight = 1.0 / self.current_gradient_accumulation_steps
+            return super().compute_loss(model, inputs, return_outputs)
+        if num_items_in_batch is None:
+            raise ValueError("loss_normalization='tokens' needs integer per-token `labels` in every batch")
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
+        summed = loss_rules.summed_token_cross_entropy(logits, labels, self._loss_shifts_labels)
+        world = self.args.world_size
+        # Sum over this micro-batch / tokens of the whole global batch; x world undoes the ranks' averaging.
+        loss = summed * world / num_items_in_batch
+        self.loss_is_scaled_for_ga = True
+        if self._wanted("on_local_gradient"):
+            tokens = loss_rules.count_label_tokens(labels, self._loss_shifts_labels)
+            self._micro_weight = float(world * tokens / num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ per-micro-batch and per-step events
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._micro_step == 0:
+            self._applied_lrs = []
+            self._reduced_fired = False
+            self._step_loss_sum = None
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step_loss_sum = loss if self._step_loss_sum is None else self._step_loss_sum + loss
+        last = self.accelerator.sync_gradients
+        self._fire("on_micro_batch_end", micro_step=self._micro_step,
+                   num_micro_batches=self.current_gradient_accumulation_steps, loss=loss)
+        self._micro_step += 1
+        if last:
+            self._micro_step = 0
+            if self._wanted("on_reduced_gradients") and not self.is_deepspeed_enabled:
+                self._fire_reduced_gradients(model)
+            if self._wanted("on_step_loss"):
+                total = backends.all_reduce_sum(self._step_loss_sum.detach().float().clone())
+                self._fire("on_step_loss", loss=total.item() / self.args.world_size)
+        return loss
+
+    def _fire_reduced_gradients(self, model) -> None:
+        self._reduced_fired = True
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            norms = torch._foreach_norm(grads)
+            sq = torch.stack([n.float() for n in norms]).square().sum()
+            scaler = getattr(self.accelerator, "scaler", None)
+            if scaler is not None and scaler.is_enabled():
+                sq = sq / scaler.get_scale() ** 2
+        else:  # DeepSpeed ZeRO: gradients live in the engine's partitions, the engine has the global norm
+            norm = getattr(getattr(self.model_wrapped, "optimizer", None), "_global_grad_norm", None)
+            if norm is None:
+                raise RuntimeError("reduced gradients are not readable under this backend")
+            sq = torch.as_tensor(float(norm), dtype=torch.float32) ** 2
+        self._fire("on_reduced_gradients", model=self.model, grad_sq_norm=sq)
+
+    def train(self, *args, **kwargs):
+        self._micro_step = 0
+        if self._wanted("on_local_gradient"):
+            for name, param in self.model.named_parameters():
+                if param.requires_grad:
+                    self._grad_hook_handles.append(param.register_hook(partial(self._on_local_grad, name, param)))
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            for handle in self._grad_hook_handles:
+                handle.remove()
+            self._grad_hook_handles = []
+
+    def _on_local_grad(self, name, param, grad):
+        weight = self._micro_weight
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            weight = weight * scaler.get_scale()
+        self._fire("on_local_gradient", name=name, param=param, grad=grad, weight=weight)
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "learning_rate" in logs:
+            logs["scale"] = self.scale
+            for alg in self.algorithms:
+                logs.update(alg.log_metrics())
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def _algorithm_state_path(self, checkpoint_dir: str) -> str:
+        return os.path.join(checkpoint_dir, ALGORITHM_STATE_FILE.format(rank=self.args.process_index))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        algorithms = self.algorithms
+        if algorithms:
+            os.makedirs(output_dir, exist_ok=True)
+            torch.save({alg.name: alg.state_dict() for alg in algorithms}, self._algorithm_state_path(output_dir))
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        algorithms = self.algorithms
+        if checkpoint is None or not algorithms:
+            return
+        path = self._algorithm_state_path(checkpoint)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: this checkpoint holds no state for the algorithms "
+                                    f"{[a.name for a in algorithms]}, so resuming would restart them")
+        states = torch.load(path, weights_only=True)
+        for alg in algorithms:
+            if alg.name not in states:
+                raise KeyError(f"checkpoint {checkpoint} has no state for algorithm {alg.name!r} "
+                               f"(it has {sorted(states)})")
+            alg.load_state_dict(states[alg.name])
+

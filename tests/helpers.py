@@ -1,0 +1,120 @@
+"""Small models and datasets shared by the tests and by the multi-process workers they launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class DictDataset(torch.utils.data.Dataset):
+    def __init__(self, **columns):
+        self.columns = columns
+        self.n = len(next(iter(columns.values())))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.columns.items()}
+
+
+def digits_dataset(n: int | None = None) -> DictDataset:
+    """scikit-learn's bundled digits (real data, no download) as 1x8x8 images in [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    if n is not None:
+        x, y = x[:n], y[:n]
+    return DictDataset(pixel_values=x, labels=y)
+
+
+def tiny_resnet(seed: int = 0):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(seed)
+    cfg = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                       layer_type="basic", num_labels=10, downsample_in_first_stage=False)
+    return ResNetForImageClassification(cfg)
+
+
+def freeze_batchnorm_statistics(model):
+    """BatchNorm normalises within each micro-batch, so its gradient depends on the split by design; tests of the
+    loss weighting run BN on its running statistics to isolate what the trainer owns."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.register_forward_pre_hook(lambda mod, inp: setattr(mod, "training", False))
+    return model
+
+
+def tiny_bert_classifier(seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, num_labels=3,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+def tiny_gpt2_lm(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
+def token_dataset(n: int, seq_len: int, vocab: int, num_labels: int | None, seed: int = 0) -> DictDataset:
+    """Token sequences of varied length (right-padded): what makes per-micro-batch means differ from the
+    token-level mean. ``num_labels=None`` gives LM labels (-100 on padding), else one class per sequence."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (n, seq_len), generator=g)
+    lengths = torch.randint(3, seq_len + 1, (n,), generator=g)
+    mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
+    ids = ids * mask
+    if num_labels is None:
+        labels = ids.masked_fill(mask == 0, -100)
+    else:
+        labels = torch.randint(0, num_labels, (n,), generator=g)
+    return DictDataset(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def launch(script: str, args: list[str], nproc: int = 2, timeout: int = 600, env: dict | None = None):
+    """Run ``script`` under ``torchrun --nproc_per_node nproc`` on CPU; raise with the output if it fails."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), full_env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(_free_port()), script, *args]
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-8000:]}")
+    return proc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_rank_results(out_dir, nproc: int = 2) -> list[dict]:
+    return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def flat_params(model) -> np.ndarray:
+    return torch.cat([p.detach().reshape(-1).double() for p in model.parameters()]).numpy()

@@ -1,0 +1,76 @@
+"""Multi-process worker: trains tiny models with LargeBatchTrainer and writes what each rank saw and did.
+
+Usage (under torchrun): train_worker.py SPEC_JSON OUT_DIR. SPEC is a JSON object with a list of "runs"; each run
+has a name, a model ("resnet" | "bert" | "gpt2"), per_device, ga, steps, and optional LargeBatchArguments.
+"""
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
+from helpers import (digits_dataset, flat_params, freeze_batchnorm_statistics, tiny_bert_classifier,
+                     tiny_gpt2_lm, tiny_resnet, token_dataset)
+
+MODELS = {
+    "resnet": (lambda: freeze_batchnorm_statistics(tiny_resnet()), lambda: digits_dataset(256)),
+    "bert": (tiny_bert_classifier, lambda: token_dataset(256, 12, 64, 3)),
+    "gpt2": (tiny_gpt2_lm, lambda: token_dataset(256, 12, 64, None)),
+}
+
+
+def run_one(run: dict, deepspeed: str | None) -> dict:
+    make_model, make_data = MODELS[run["model"]]
+    model = make_model()
+    fingerprints = []
+    model.register_forward_pre_hook(
+        lambda mod, args, kwargs: fingerprints.append(float(sum(v.float().sum() for v in kwargs.values()
+                                                                if torch.is_tensor(v)))),
+        with_kwargs=True)
+    args = LargeBatchArguments(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=run["per_device"],
+        gradient_accumulation_steps=run["ga"], max_steps=run["steps"], optim="sgd",
+        lr_scheduler_type=run.get("lr_scheduler_type", "constant"), learning_rate=run.get("lr", 0.5),
+        use_cpu=deepspeed is None, deepspeed=deepspeed, report_to=[], save_strategy="no", logging_steps=1,
+        disable_tqdm=True, seed=0, data_seed=0, dataloader_drop_last=True, max_grad_norm=0.0,
+        **run.get("args", {}))
+    history = LRHistory(0)
+    trainer = LargeBatchTrainer(model=model, args=args, train_dataset=make_data(), callbacks=[history])
+    trainer.train()
+    return {
+        "args_world_size": args.world_size,
+        "dist_world_size": dist.get_world_size(),
+        "scale": trainer.scale,
+        "learning_rates": history.learning_rates,
+        "losses": history.losses,
+        "fingerprints": fingerprints,
+        "params": flat_params(model).tolist() if deepspeed is None or "3" not in deepspeed else
+        _gathered_params(trainer),
+    }
+
+
+def _gathered_params(trainer) -> list:
+    import deepspeed
+
+    params = list(trainer.model.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        return torch.cat([p.detach().reshape(-1).double() for p in params]).tolist()
+
+
+def main():
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2])
+    deepspeed = spec.get("deepspeed")
+    results = {run["name"]: run_one(run, deepspeed) for run in spec["runs"]}
+    rank = dist.get_rank()
+    (out / f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
