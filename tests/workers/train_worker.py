@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
+from hf_largebatch.backends import load_deepspeed_config, zero_stage
 from helpers import (digits_dataset, flat_params, freeze_batchnorm_statistics, tiny_bert_classifier,
                      tiny_gpt2_lm, tiny_resnet, token_dataset)
 
@@ -48,8 +49,8 @@ def run_one(run: dict, deepspeed: str | None) -> dict:
         "learning_rates": history.learning_rates,
         "losses": history.losses,
         "fingerprints": fingerprints,
-        "params": flat_params(model).tolist() if deepspeed is None or "3" not in deepspeed else
-        _gathered_params(trainer),
+        "params": _gathered_params(trainer) if zero_stage(load_deepspeed_config(deepspeed)) == 3
+        else flat_params(model).tolist(),
     }
 
 
