@@ -26,9 +26,10 @@ def check_launch(environ: dict | None = None) -> None:
     env = os.environ if environ is None else environ
     if env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
         raise RuntimeError(
-            "`accelerate launch --cpu --num_processes N` starts a single process on CPU. For N CPU processes use "
-            "`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N script.py ...` or "
-            "`torchrun --nproc_per_node N script.py ... --use_cpu`."
+            "`accelerate launch --cpu --num_processes N` (or an accelerate config with distributed_type MULTI_CPU) "
+            "starts a single process. For N CPU processes use `ACCELERATE_USE_CPU=true accelerate launch "
+            "--multi_gpu --num_processes N script.py ... --use_cpu` (or --config_file recipes/configs/ddp.yaml) "
+            "or `torchrun --nproc_per_node N script.py ... --use_cpu`."
         )
 
 

@@ -38,6 +38,21 @@ def resolve(mode: str, labels) -> str:
     return mode
 
 
+def shifts_labels(model) -> bool:
+    """Whether the model's own loss predicts ``labels[t+1]`` from position ``t`` (decoder-only causal LMs).
+
+    HF's ``Trainer._loss_shifts_labels`` reads ``model.loss_type``, which is ``None`` for classes such as
+    ``GPT2LMHeadModel`` whose names do not end in ``ForCausalLM``; the auto-class mapping names them all.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    return (type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+            or getattr(model, "loss_type", None) == "ForCausalLM")
+
+
 def count_label_tokens(labels: torch.Tensor, shift: bool) -> torch.Tensor:
     """Label tokens that enter the loss (causal LMs predict token t+1 from t, so the first position never does)."""
     if shift:

@@ -48,6 +48,7 @@ class LargeBatchTrainer(Trainer):
         )
         base = self._option("base_batch_size")
         self.scale = 1.0 if base is None else batch_scale(self.global_batch_size, base)
+        self._shifts_labels = loss_rules.shifts_labels(self.accelerator.unwrap_model(self.model))
         self._micro_step = 0
         self._micro_weight = 1.0
         self._step_loss_sum = None
@@ -137,7 +138,7 @@ class LargeBatchTrainer(Trainer):
             return batch_samples, num_items
         if self._loss_mode(batch_samples[0].get("labels")) != "tokens":
             return batch_samples, None
-        count = sum(loss_rules.count_label_tokens(b["labels"], self._loss_shifts_labels) for b in batch_samples)
+        count = sum(loss_rules.count_label_tokens(b["labels"], self._shifts_labels) for b in batch_samples)
         count = backends.all_reduce_sum(torch.as_tensor(count, device=device))
         return batch_samples, count
 
@@ -154,13 +155,13 @@ class LargeBatchTrainer(Trainer):
             raise ValueError("loss_normalization='tokens' needs integer per-token `labels` in every batch")
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
-        summed = loss_rules.summed_token_cross_entropy(logits, labels, self._loss_shifts_labels)
+        summed = loss_rules.summed_token_cross_entropy(logits, labels, self._shifts_labels)
         world = self.args.world_size
         # Sum over this micro-batch / tokens of the whole global batch; x world undoes the ranks' averaging.
         loss = summed * world / num_items_in_batch
         self.loss_is_scaled_for_ga = True
         if self._wanted("on_local_gradient"):
-            tokens = loss_rules.count_label_tokens(labels, self._loss_shifts_labels)
+            tokens = loss_rules.count_label_tokens(labels, self._shifts_labels)
             self._micro_weight = float(world * tokens / num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 

@@ -1,0 +1,82 @@
+"""A run resumed from a checkpoint continues exactly as the uninterrupted run, algorithm state included."""
+
+import glob
+import os
+
+import numpy as np
+import torch
+
+from hf_largebatch import Algorithm, LargeBatchArguments, LargeBatchTrainer, LRHistory
+from hf_largebatch.trainer import ALGORITHM_STATE_FILE
+from helpers import digits_dataset, flat_params, tiny_resnet
+
+
+class LossEMA(Algorithm):
+    """A stateful algorithm: an EMA of the step loss and a step counter, both needed to continue exactly."""
+
+    name = "loss_ema"
+
+    def __init__(self):
+        self.ema = torch.zeros((), dtype=torch.float64)
+        self.count = 0
+        self.trace = []
+
+    def on_step_loss(self, args, state, control, *, loss, **kw):
+        self.count += 1
+        self.ema = 0.9 * self.ema + 0.1 * loss
+        self.trace.append(float(self.ema))
+
+    def state_dict(self):
+        return {"ema": self.ema.clone(), "count": self.count}
+
+    def load_state_dict(self, state):
+        self.ema, self.count = state["ema"].clone(), int(state["count"])
+
+    def log_metrics(self):
+        return {"loss_ema": float(self.ema)}
+
+
+def make(output_dir):
+    args = LargeBatchArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=10,
+        learning_rate=0.05, optim="sgd", optim_args="momentum=0.9", lr_scaling="legw", base_batch_size=4,
+        legw_base_warmup_epochs=0.25, lr_scheduler_type="cosine", use_cpu=True, report_to=[], save_steps=4,
+        save_strategy="steps", logging_steps=1, disable_tqdm=True, seed=0, data_seed=0, dataloader_drop_last=True)
+    history, ema = LRHistory(16), LossEMA()
+    model = tiny_resnet()  # BatchNorm running statistics must come back too
+    trainer = LargeBatchTrainer(model=model, args=args, train_dataset=digits_dataset(160), callbacks=[history, ema])
+    return trainer, model, history, ema
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    full, full_model, full_hist, full_ema = make(tmp_path / "full")
+    full.train()
+    assert full_ema.count == 10
+    # 160 examples / 16 = 10 steps an epoch; LEGW warm-up 0.25 epoch x S=4 = 10 steps: checkpoint-4 is mid-warm-up
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    state_file = checkpoint / ALGORITHM_STATE_FILE.format(rank=0)
+    saved = torch.load(state_file, weights_only=True)
+    assert saved["loss_ema"]["count"] == 4 and len(saved["lr_history"]["steps"]) == 4
+
+    resumed, resumed_model, resumed_hist, resumed_ema = make(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    assert resumed_hist.steps == full_hist.steps == list(range(1, 11))
+    np.testing.assert_allclose(resumed_hist.learning_rates, full_hist.learning_rates, rtol=1e-12)
+    np.testing.assert_allclose(resumed_hist.losses, full_hist.losses, rtol=1e-6)
+    assert resumed_ema.count == 10
+    np.testing.assert_allclose(resumed_ema.trace, full_ema.trace[4:], rtol=1e-6)
+    np.testing.assert_allclose(flat_params(resumed_model), flat_params(full_model), rtol=0, atol=1e-6)
+    for name, buf in full_model.named_buffers():
+        torch.testing.assert_close(dict(resumed_model.named_buffers())[name], buf)
+    logged = [h["loss_ema"] for h in resumed.state.log_history if "loss_ema" in h]
+    assert logged[-1] == resumed_ema.trace[-1]
+
+
+def test_every_checkpoint_holds_algorithm_state(tmp_path):
+    trainer, *_ = make(tmp_path)
+    trainer.train()
+    checkpoints = sorted(glob.glob(str(tmp_path / "checkpoint-*")))
+    assert [os.path.basename(c) for c in checkpoints] == ["checkpoint-10", "checkpoint-4", "checkpoint-8"]
+    for c in checkpoints:
+        assert os.path.isfile(os.path.join(c, ALGORITHM_STATE_FILE.format(rank=0)))
