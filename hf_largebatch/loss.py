@@ -35,6 +35,13 @@ def is_token_level(labels) -> bool:
 def resolve(mode: str, labels) -> str:
     if mode == "auto":
         return "tokens" if is_token_level(labels) else "mean"
+    if mode == "tokens" and not is_token_level(labels):
+        got = (f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if isinstance(labels, torch.Tensor)
+               else type(labels).__name__)
+        raise ValueError(
+            f"loss_normalization='tokens' needs integer per-token labels of shape (batch, seq_len) (got {got}). "
+            "For classification or regression labels use loss_normalization='mean' (or 'auto')."
+        )
     return mode
 
 

@@ -75,9 +75,12 @@ class LargeBatchTrainer(Trainer):
     # ------------------------------------------------------------------ optimizer and LR ownership
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if not getattr(optimizer, "_hf_largebatch_hooked", False):
-            optimizer.register_step_pre_hook(self._before_optimizer_step)
-            optimizer._hf_largebatch_hooked = True
+        inner = optimizer  # on a second train() this is Accelerate's wrapper, which takes no step hooks
+        while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+            inner = inner.optimizer
+        if not getattr(inner, "_hf_largebatch_hooked", False):
+            inner.register_step_pre_hook(self._before_optimizer_step)
+            inner._hf_largebatch_hooked = True
         return optimizer
 
     def lr_plan(self, num_training_steps: int) -> tuple[float, int]:
@@ -104,9 +107,11 @@ class LargeBatchTrainer(Trainer):
             return self.lr_scheduler
         optimizer = optimizer if optimizer is not None else self.optimizer
         multiplier, warmup = self.lr_plan(num_training_steps)
-        # The scheduler's base LR is the scaled peak: warm-up and decay then act on it, in one LambdaLR.
+        # The scheduler's base LR is the scaled peak: warm-up and decay then act on it, in one LambdaLR. The
+        # unscaled LR is kept in the group so that a second train() does not scale twice.
         for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * multiplier
+            base_lr = group.setdefault("unscaled_lr", group["lr"])
+            group["lr"] = group["initial_lr"] = base_lr * multiplier
         self.lr_scheduler = get_scheduler(
             self.args.lr_scheduler_type,
             optimizer=optimizer,
