@@ -74,3 +74,28 @@ def plot_lr_and_loss(histories: dict[str, LRHistory], path: str, title: str = ""
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def write_summary(trainer, metrics: dict, path: str, **extra) -> dict:
+    """The final JSON summary every recipe writes: what ran, the metric, the budget used and the log history."""
+    import json
+
+    args = trainer.args
+    summary = {
+        "global_batch_size": trainer.global_batch_size,
+        "scale": trainer.scale,
+        "lr_scaling": getattr(args, "lr_scaling", "none"),
+        "base_batch_size": getattr(args, "base_batch_size", None),
+        "learning_rate": args.learning_rate,
+        "world_size": args.world_size,
+        "optimizer_steps": trainer.state.global_step,
+        "examples_seen": trainer.state.global_step * trainer.global_batch_size,
+        "epochs": trainer.state.epoch,
+        "metrics": metrics,
+        **extra,
+        "log_history": trainer.state.log_history,
+    }
+    if args.should_save:
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
