@@ -1,0 +1,162 @@
+"""Per-step time and peak memory of a variant against plain ``LargeBatchTrainer`` at the same batch.
+
+Each (repeat, variant) pair runs in a fresh child process, interleaved (A B A B ...), so that order effects and
+allocator state do not favour one side; the child times every optimizer step (``on_step_begin`` to
+``on_step_end``) after a warm-up and reports the median; the parent reads the child's peak RSS from ``wait4``
+(and, on CUDA, the child's ``max_memory_allocated``). Reported: the median over repeats of each variant's median
+step time, and the ratio variant / baseline, with the spread of per-repeat ratios.
+
+    python benchmarks/overhead.py --variants hf_trainer plain lr_history --batch 256 --steps 60 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _variants():
+    """name -> (trainer class, args class, callbacks factory). Later algorithms register here."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
+
+    return {
+        "hf_trainer": (Trainer, TrainingArguments, lambda batch: []),
+        "plain": (LargeBatchTrainer, LargeBatchArguments, lambda batch: []),
+        "lr_history": (LargeBatchTrainer, LargeBatchArguments, lambda batch: [LRHistory(batch)]),
+    }
+
+
+VARIANTS = ("hf_trainer", "plain", "lr_history")
+
+
+def _child(variant: str, batch: int, steps: int, warmup: int, data: str) -> dict:
+    from transformers import TrainerCallback
+
+    from hf_largebatch.demo import digits_splits, small_resnet
+
+    if data != "digits":
+        raise ValueError(f"unknown --data {data!r}")
+    train, _ = digits_splits()
+    trainer_cls, args_cls, callbacks = _variants()[variant]
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+    args = args_cls(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps,
+                    learning_rate=0.05, optim="sgd", report_to=[], save_strategy="no", logging_steps=10,
+                    disable_tqdm=True, seed=0, use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True)
+    trainer = trainer_cls(model=small_resnet(), args=args, train_dataset=train,
+                          callbacks=[StepTimer(), *callbacks(batch)])
+    trainer.train()
+    result = {"variant": variant, "median_step_s": statistics.median(times[warmup:]), "steps_timed": len(times[warmup:])}
+    if torch.cuda.is_available():
+        result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+def _run_child(variant, opts) -> dict:
+    cmd = [sys.executable, __file__, "--child", variant, "--batch", str(opts.batch), "--steps", str(opts.steps),
+           "--warmup", str(opts.warmup), "--data", opts.data]
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, cwd=REPO,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        _, status, usage = os.wait4(proc.pid, 0)
+        out.seek(0)
+        text = out.read()
+    if status != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{text[-3000:]}")
+    result = json.loads(text.strip().splitlines()[-1])
+    result["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
+    return result
+
+
+def measure(opts) -> dict:
+    runs = {v: [] for v in opts.variants}
+    for _ in range(opts.repeats):
+        for variant in opts.variants:
+            runs[variant].append(_run_child(variant, opts))
+    base = opts.variants[0]
+    summary = {"machine": f"{platform.machine()}, {os.cpu_count()} cores"
+               + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU only"),
+               "batch": opts.batch, "steps": opts.steps, "warmup": opts.warmup, "repeats": opts.repeats,
+               "baseline": base, "variants": {}}
+    for variant, results in runs.items():
+        ratios = [r["median_step_s"] / b["median_step_s"] for r, b in zip(results, runs[base])]
+        mem = [r["peak_rss_bytes"] / b["peak_rss_bytes"] for r, b in zip(results, runs[base])]
+        summary["variants"][variant] = {
+            "median_step_s": statistics.median(r["median_step_s"] for r in results),
+            "step_time_ratio": statistics.median(ratios),
+            "step_time_ratio_min_max": [min(ratios), max(ratios)],
+            "peak_rss_mib": statistics.median(r["peak_rss_bytes"] for r in results) / 2**20,
+            "peak_rss_ratio": statistics.median(mem),
+            "runs": results,
+        }
+    return summary
+
+
+def to_markdown(summary: dict) -> str:
+    lines = [f"Baseline `{summary['baseline']}`, batch {summary['batch']}, {summary['steps']} steps "
+             f"({summary['warmup']} untimed), {summary['repeats']} interleaved repeats; {summary['machine']}.", "",
+             "| variant | median step (ms) | step-time ratio (median) | ratio min-max | peak RSS (MiB) | RSS ratio |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, v in summary["variants"].items():
+        lo, hi = v["step_time_ratio_min_max"]
+        lines.append(f"| {name} | {1000 * v['median_step_s']:.2f} | {v['step_time_ratio']:.3f} | {lo:.3f}-{hi:.3f} "
+                     f"| {v['peak_rss_mib']:.0f} | {v['peak_rss_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=["plain", "lr_history"],
+                   help=f"first one is the baseline; choices: {', '.join(VARIANTS)}")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=10, help="first steps left out of the timing")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--data", default="digits")
+    p.add_argument("--out", default="benchmarks/results/overhead")
+    p.add_argument("--quick", action="store_true", help="CI smoke test: 2 repeats of 12 steps")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    opts = p.parse_args(argv)
+    if opts.child:
+        print(json.dumps(_child(opts.child, opts.batch, opts.steps, opts.warmup, opts.data)))
+        return 0
+    unknown = [v for v in opts.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    if opts.quick:
+        opts.steps, opts.warmup, opts.repeats, opts.batch = 12, 2, 2, 64
+    summary = measure(opts)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overhead.json").write_text(json.dumps(summary, indent=1))
+    table = to_markdown(summary)
+    (out / "overhead.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

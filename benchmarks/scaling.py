@@ -1,0 +1,190 @@
+"""Batch-size scaling benchmark: one task at a base batch and at multiples of it, with chosen LR methods, on the
+same epoch budget. Each run is a recipe process (``recipes/*.py``); runs are interleaved over repeats.
+
+Writes ``results.json`` (every run's summary), ``table.md`` (final metric, optimizer steps, examples seen, wall
+time) and PNG plots (metric vs steps and vs examples; applied LR vs steps) to ``--out``.
+
+    python benchmarks/scaling.py --task image --multiples 1 8 16 --methods linear sqrt legw
+    python benchmarks/scaling.py --task image --quick        # CI smoke test
+
+Warm-up, as the methods define it: the base run warms up for ``--warmup-epochs`` (w0); ``linear`` and ``sqrt`` keep
+that warm-up in epochs (Goyal et al.'s recipe); ``legw`` stretches it to ``S * w0`` epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("linear", "sqrt", "legw")
+
+# Per task: the recipe, its fixed arguments, the base batch, LR and epochs tuned for the base run, the metric.
+TASKS = {
+    "image": {
+        "recipe": "recipes/image_classification.py",
+        "args": ["--dataset", "fashion_mnist", "--preset", "cifar_small", "--optim", "sgd",
+                 "--optim_args", "momentum=0.9", "--weight_decay", "5e-4", "--lr_scheduler_type", "cosine"],
+        "base_batch": 64, "learning_rate": 0.05, "epochs": 3, "warmup_epochs": 0.25,
+        "metric": "eval_accuracy", "higher_is_better": True,
+        "quick": ["--max_train_samples", "512", "--max_eval_samples", "256"],
+    },
+    "lstm": {
+        "recipe": "recipes/language_modeling_lstm.py",
+        "args": ["--dataset", "ptb", "--preset", "zaremba_small", "--optim", "sgd", "--max_grad_norm", "5",
+                 "--lr_scheduler_type", "cosine"],
+        "base_batch": 20, "learning_rate": 1.0, "epochs": 2, "warmup_epochs": 0.1,
+        "metric": "eval_perplexity", "higher_is_better": False,
+        "quick": ["--max_train_samples", "400", "--max_eval_samples", "100"],
+    },
+    "translation": {
+        "recipe": "recipes/translation.py",
+        "args": ["--preset", "tiny", "--optim", "adamw_torch", "--lr_scheduler_type", "linear",
+                 "--predict_with_generate", "--generation_num_beams", "1"],
+        "base_batch": 64, "learning_rate": 5e-4, "epochs": 5, "warmup_epochs": 0.5,
+        "metric": "eval_bleu", "higher_is_better": True,
+        "quick": ["--max_train_samples", "256", "--max_eval_samples", "32"],
+    },
+}
+
+
+def run_configs(multiples, methods):
+    """(label, multiple, method): the base run first, then each multiple with each method."""
+    configs = [("base", 1, "base")] if 1 in multiples else []
+    configs += [(f"{m}x {method}", m, method) for m in multiples if m != 1 for method in methods]
+    return configs
+
+
+def recipe_command(task: dict, multiple: int, method: str, epochs: float, out_dir: Path, extra: list[str],
+                   quick: bool) -> list[str]:
+    base = task["base_batch"]
+    w0 = task["warmup_epochs"]
+    cmd = [sys.executable, task["recipe"], *task["args"], "--output_dir", str(out_dir),
+           "--per_device_train_batch_size", str(base * multiple), "--num_train_epochs", str(epochs),
+           "--learning_rate", str(task["learning_rate"]), "--base_batch_size", str(base),
+           "--eval_strategy", "epoch", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+           "--seed", "0", "--disable_tqdm", "true", "--use_cpu"]
+    if method == "legw":
+        cmd += ["--lr_scaling", "legw", "--legw_base_warmup_epochs", str(w0)]
+    else:  # base, linear, sqrt: the base run's warm-up, in epochs, as a fraction of the run
+        cmd += ["--lr_scaling", "none" if method == "base" else method, "--warmup_steps", str(min(w0 / epochs, 0.5))]
+    if quick:
+        cmd += task["quick"]
+    return cmd + extra
+
+
+def run_one(cmd: list[str], log_path: Path) -> float:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(REPO)}
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed; see {log_path}:\n{log_path.read_text()[-3000:]}")
+    return wall
+
+
+def summarise(label, multiple, method, summary: dict, wall: float, metric: str, repeat: int) -> dict:
+    evals = [h for h in summary["log_history"] if metric in h]
+    return {
+        "run": label, "multiple": multiple, "method": method, "repeat": repeat,
+        "global_batch": summary["global_batch_size"], "scale": summary["scale"],
+        "metric": summary["metrics"][metric], "optimizer_steps": summary["optimizer_steps"],
+        "examples_seen": summary["examples_seen"], "wall_s": wall,
+        "eval_curve": [(h["step"], h[metric]) for h in evals],
+        "lr_curve": [(h["step"], h["learning_rate"]) for h in summary["log_history"] if "learning_rate" in h],
+    }
+
+
+def to_markdown(rows: list[dict], task: dict, machine: str) -> str:
+    metric = task["metric"]
+    base_steps = next((r["optimizer_steps"] for r in rows if r["method"] == "base"), None)
+    lines = [f"Metric `{metric}` ({'higher' if task['higher_is_better'] else 'lower'} is better); {machine}.", "",
+             f"| run | global batch | {metric} | optimizer steps | step speed-up | examples seen | wall time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        speedup = f"{base_steps / r['optimizer_steps']:.1f}x" if base_steps else "-"
+        lines.append(f"| {r['run']} | {r['global_batch']} | {r['metric']:.4g} | {r['optimizer_steps']} | {speedup} | "
+                     f"{r['examples_seen']} | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], task: dict, out: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = task["metric"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for r in rows:
+        steps = [s for s, _ in r["eval_curve"]]
+        values = [v for _, v in r["eval_curve"]]
+        axes[0].plot(steps, values, marker="o", label=r["run"])
+        axes[1].plot([s * r["global_batch"] for s in steps], values, marker="o", label=r["run"])
+        axes[2].plot([s for s, _ in r["lr_curve"]], [v for _, v in r["lr_curve"]], label=r["run"])
+    for ax, xlabel, ylabel in ((axes[0], "optimizer steps", metric), (axes[1], "examples seen", metric),
+                               (axes[2], "optimizer steps", "learning rate (applied)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    axes[1].set_xscale("linear")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = out / "scaling.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=sorted(TASKS), required=True)
+    p.add_argument("--multiples", type=int, nargs="+", default=[1, 8, 16])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--epochs", type=float, help="epoch budget of every run (default: the task's)")
+    p.add_argument("--repeats", type=int, default=1, help="runs are interleaved over repeats")
+    p.add_argument("--out", help="output folder (default benchmarks/results/<task>)")
+    p.add_argument("--quick", action="store_true", help="CI smoke test: a data subset, 1 epoch, multiples 1 and 2")
+    opts, extra = p.parse_known_args(argv)
+    task = TASKS[opts.task]
+    epochs = opts.epochs or task["epochs"]
+    if opts.quick:
+        opts.multiples, epochs = [1, 2], 1
+    out = Path(opts.out or REPO / "benchmarks" / "results" / opts.task)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+
+    rows = []
+    for repeat in range(opts.repeats):
+        for label, multiple, method in run_configs(opts.multiples, opts.methods):
+            run_dir = out / "runs" / f"{label.replace(' ', '_')}_r{repeat}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cmd = recipe_command(task, multiple, method, epochs, run_dir, extra, opts.quick)
+            print(f"[{label}] {' '.join(cmd)}", flush=True)
+            wall = run_one(cmd, run_dir / "log.txt")
+            summary = json.loads((run_dir / "summary.json").read_text())
+            rows.append(summarise(label, multiple, method, summary, wall, task["metric"], repeat))
+            print(f"[{label}] {task['metric']}={rows[-1]['metric']:.4g} steps={rows[-1]['optimizer_steps']} "
+                  f"wall={wall:.0f}s", flush=True)
+
+    (out / "results.json").write_text(json.dumps({"task": opts.task, "epochs": epochs, "machine": machine,
+                                                  "command": " ".join(sys.argv), "runs": rows}, indent=1))
+    table = to_markdown(rows, task, machine)
+    (out / "table.md").write_text(table + "\n")
+    plot(rows, task, out, f"{opts.task}: base batch {task['base_batch']}, {epochs:g} epochs")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
