@@ -11,7 +11,8 @@
                                                        own mean loss
         on_micro_batch_end(micro_step, num_micro_batches, loss)
         on_substep_end                              (HF, not after the last micro-batch)
-    on_reduced_gradients(model, grad_sq_norm)       the step's reduced (rank-averaged) gradient, before
+    on_reduced_gradients(model, grad_sq_norm,       the step's reduced (rank-averaged) gradient, before
+                         num_micro_batches)
                                                     clipping; ``p.grad`` is readable in single process and DDP,
                                                     ``None`` under DeepSpeed ZeRO (where this event fires from
                                                     inside the optimizer step, before the update)
@@ -51,7 +52,8 @@ class Algorithm(TrainerCallback):
                            loss: torch.Tensor, **kwargs):
         pass
 
-    def on_reduced_gradients(self, args, state, control, *, model, grad_sq_norm: torch.Tensor, **kwargs):
+    def on_reduced_gradients(self, args, state, control, *, model, grad_sq_norm: torch.Tensor,
+                             num_micro_batches: int, **kwargs):
         pass
 
     def on_step_loss(self, args, state, control, *, loss: float, **kwargs):

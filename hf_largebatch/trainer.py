@@ -205,7 +205,8 @@ class LargeBatchTrainer(Trainer):
             if norm is None:
                 raise RuntimeError("reduced gradients are not readable under this backend")
             sq = torch.as_tensor(float(norm), dtype=torch.float32) ** 2
-        self._fire("on_reduced_gradients", model=self.model, grad_sq_norm=sq)
+        self._fire("on_reduced_gradients", model=self.model, grad_sq_norm=sq,
+                   num_micro_batches=self.current_gradient_accumulation_steps)
 
     def train(self, *args, **kwargs):
         self._micro_step = 0

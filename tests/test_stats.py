@@ -1,0 +1,87 @@
+"""Gradient statistics (ALGORITHMS.md section 0) on a model whose gradient distribution is known exactly."""
+
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
+from hf_largebatch.stats import BiasCorrectedEMA, GradientStatistics, smoothing_for_scale, unbiased_estimates
+from helpers import DictDataset
+
+DIM, MU, SIGMA = 10, 0.5, 2.0
+
+
+class MeanEstimator(torch.nn.Module):
+    """loss = mean_j 0.5 ||w - x_j||^2, so the per-example gradient is w - x_j: with x ~ N(MU, SIGMA^2 I) and w = 0,
+    ||G||^2 = DIM MU^2 and tr(Sigma) = DIM SIGMA^2 per example."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(DIM))
+
+    def forward(self, x, labels=None):
+        return {"loss": 0.5 * ((self.w - x) ** 2).sum(-1).mean()}
+
+
+def gaussian_points(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return DictDataset(x=MU + SIGMA * torch.randn(n, DIM, generator=g), labels=torch.zeros(n, dtype=torch.long))
+
+
+def test_unbiased_estimates_by_simulation():
+    rng = np.random.default_rng(0)
+    n, b, trials = 4, 8, 20000
+    G = np.full(DIM, MU)
+    # micro-batch mean gradients of b examples each: G + noise of variance SIGMA^2 / b per coordinate
+    g = G + SIGMA / np.sqrt(b) * rng.standard_normal((trials, n, DIM))
+    L = (g ** 2).sum(-1).mean(-1)
+    T = (g.mean(1) ** 2).sum(-1)
+    est = np.array([unbiased_estimates(l, t, n) for l, t in zip(L, T)])
+    # floors at 0 bias the mean only negligibly here (||G||^2 = 2.5, noise of T is small)
+    assert est[:, 0].mean() == pytest.approx(DIM * MU ** 2, rel=0.02)
+    assert est[:, 1].mean() == pytest.approx(DIM * SIGMA ** 2 / b, rel=0.02)
+    with pytest.raises(ValueError, match="n >= 2"):
+        unbiased_estimates(1.0, 1.0, 1)
+
+
+def test_bias_corrected_ema():
+    ema = BiasCorrectedEMA(0.9)
+    ema.update(2.0)
+    assert ema.value == pytest.approx(2.0)  # no start-up bias towards 0
+    ema.update(4.0)
+    assert ema.value == pytest.approx((0.9 * 0.1 * 2 + 0.1 * 4) / (1 - 0.81))
+    raw = BiasCorrectedEMA(0.0)
+    for x in (1.0, 5.0):
+        raw.update(x)
+    assert raw.value == 5.0
+    assert smoothing_for_scale(1) == pytest.approx(0.999) and smoothing_for_scale(2000) == 0.0
+
+
+@pytest.mark.parametrize("per_device,ga", [(8, 4), (4, 8)])
+def test_monitor_recovers_known_statistics_through_the_trainer(per_device, ga):
+    """lr = 0 keeps w = 0, so every step samples the same distribution; the smoothed estimates converge."""
+    stats = GradientStatistics(theta=0.99)
+    args = LargeBatchArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=per_device,
+                               gradient_accumulation_steps=ga, max_steps=300, learning_rate=0.0, optim="sgd",
+                               base_batch_size=8, use_cpu=True, report_to=[], save_strategy="no", logging_steps=50,
+                               disable_tqdm=True, seed=0, max_grad_norm=1e-3)  # clipping must not matter
+    trainer = LargeBatchTrainer(model=MeanEstimator(), args=args, train_dataset=gaussian_points(32 * 300),
+                                callbacks=[stats])
+    trainer.train()
+    assert stats.scale == 4 and stats.base_batch_size == 8
+    assert stats.grad_sqr.value == pytest.approx(DIM * MU ** 2, rel=0.15)
+    assert stats.grad_var.value == pytest.approx(DIM * SIGMA ** 2 / 8, rel=0.1)  # variance at B0 = 8
+    assert stats.noise_scale == pytest.approx(SIGMA ** 2 / MU ** 2, rel=0.2)  # tr(Sigma)/||G||^2 = 16
+    logged = [h for h in trainer.state.log_history if "noise_scale" in h]
+    assert len(logged) == 6 and logged[-1]["noise_scale"] == pytest.approx(stats.noise_scale)
+
+
+def test_monitor_refuses_a_single_micro_batch():
+    args = LargeBatchArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=8, max_steps=2,
+                               use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+    trainer = LargeBatchTrainer(model=MeanEstimator(), args=args, train_dataset=gaussian_points(64),
+                                callbacks=[GradientStatistics()])
+    with pytest.raises(ValueError, match="gradient_accumulation_steps >= 2"):
+        trainer.train()
