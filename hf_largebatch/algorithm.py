@@ -12,12 +12,16 @@
         on_micro_batch_end(micro_step, num_micro_batches, loss)
         on_substep_end                              (HF, not after the last micro-batch)
     on_reduced_gradients(model, grad_sq_norm,       the step's reduced (rank-averaged) gradient, before
-                         num_micro_batches)
+                         num_micro_batches,
+                         loss_scale)
                                                     clipping; ``p.grad`` is readable in single process and DDP,
                                                     ``None`` under DeepSpeed ZeRO (where this event fires from
                                                     inside the optimizer step, before the update)
     on_step_loss(loss)                              the step's loss averaged over micro-batches and ranks
-    on_pre_optimizer_step / on_optimizer_step       (HF)
+    on_pre_optimizer_step                           (HF)
+      lr_factor()                                   inside optimizer.step: multiplies this step's LR
+      on_lr_applied(learning_rate)                  right after the update: the LR it applied (group 0)
+    on_optimizer_step                               (HF)
     on_step_end                                     (HF)
 
 Every algorithm also owns its checkpoint state: ``state_dict()`` returns plain tensors/numbers (saved with
@@ -35,9 +39,6 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-EXTRA_EVENTS = ("on_local_gradient", "on_micro_batch_end", "on_reduced_gradients", "on_step_loss")
-
-
 class Algorithm(TrainerCallback):
     """Base class: override the events you need; keep the maths in a plain function next to it."""
 
@@ -53,11 +54,19 @@ class Algorithm(TrainerCallback):
         pass
 
     def on_reduced_gradients(self, args, state, control, *, model, grad_sq_norm: torch.Tensor,
-                             num_micro_batches: int, **kwargs):
+                             num_micro_batches: int, loss_scale: float = 1.0, **kwargs):
         pass
 
     def on_step_loss(self, args, state, control, *, loss: float, **kwargs):
         pass
+
+    def on_lr_applied(self, args, state, control, *, learning_rate: float, **kwargs):
+        pass
+
+    def lr_factor(self) -> float:
+        """Multiplier of the LR of the step being taken, applied inside ``optimizer.step`` (after the step's
+        ``on_reduced_gradients``) and undone after it: the scheduler keeps owning the base LR."""
+        return 1.0
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -26,10 +26,9 @@ class LRHistory(Algorithm):
     def on_step_loss(self, args, state, control, *, loss, **kwargs):
         self._pending_loss = loss
 
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        # The scheduler has not stepped yet: this is the LR the update just used.
+    def on_lr_applied(self, args, state, control, *, learning_rate, **kwargs):
         self.steps.append(state.global_step + 1)
-        self.learning_rates.append(float(optimizer.param_groups[0]["lr"]))
+        self.learning_rates.append(float(learning_rate))
         self.losses.append(self._pending_loss)
 
     @property

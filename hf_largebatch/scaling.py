@@ -6,7 +6,8 @@ Functional core only (ALGORITHMS.md section 2). With ``S = B / B0``:
 * ``sqrt``:   peak ``sqrt(S) * lr0``, the user's warm-up;
 * ``legw``:   peak ``sqrt(S) * lr0``, warm-up of ``S * w0`` epochs (``w0`` = the base run's warm-up in epochs),
   i.e. the base run's warm-up *step count*, while the epoch budget stays fixed;
-* ``none``:   the user's LR as given.
+* ``none``:   the user's LR as given;
+* ``adascale``: the user's LR and warm-up, with a per-step gain and a schedule on progress (``adascale.py``).
 
 The trainer turns these numbers into one LambdaLR (HF's ``get_scheduler``) so that warm-up and any
 ``lr_scheduler_type`` decay are applied by a single scheduler that owns the LR.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-SCALING_RULES = ("none", "linear", "sqrt", "legw")
+SCALING_RULES = ("none", "linear", "sqrt", "legw", "adascale")
 
 
 def check_rule(rule: str) -> str:

@@ -13,6 +13,7 @@ What it adds to ``Trainer`` (same constructor):
 
 from __future__ import annotations
 
+import math
 import os
 from functools import partial
 
@@ -22,6 +23,7 @@ from transformers.optimization import get_scheduler
 
 from . import backends
 from . import loss as loss_rules
+from .adascale import AdaScale
 from .algorithm import Algorithm
 from .scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier
 
@@ -54,7 +56,11 @@ class LargeBatchTrainer(Trainer):
         self._step_loss_sum = None
         self._applied_lrs: list[float] = []
         self._reduced_fired = False
+        self._lr_applied_fired = False
         self._grad_hook_handles: list = []
+        self._unscaled_group_lrs: list | None = None
+        if self._option("lr_scaling") == "adascale" and self._adascale() is None:
+            self.add_callback(AdaScale())
 
     # ------------------------------------------------------------------ options and algorithms
     def _option(self, name):
@@ -72,6 +78,9 @@ class LargeBatchTrainer(Trainer):
     def _wanted(self, event: str) -> bool:
         return any(alg.overrides(event) for alg in self.algorithms)
 
+    def _adascale(self) -> AdaScale | None:
+        return next((alg for alg in self.algorithms if isinstance(alg, AdaScale)), None)
+
     # ------------------------------------------------------------------ optimizer and LR ownership
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -80,6 +89,7 @@ class LargeBatchTrainer(Trainer):
             inner = inner.optimizer
         if not getattr(inner, "_hf_largebatch_hooked", False):
             inner.register_step_pre_hook(self._before_optimizer_step)
+            inner.register_step_post_hook(self._after_optimizer_step)
             inner._hf_largebatch_hooked = True
         return optimizer
 
@@ -119,14 +129,39 @@ class LargeBatchTrainer(Trainer):
             num_training_steps=num_training_steps,
             scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
         )
+        adascale = self._adascale()
+        if adascale is not None and not hasattr(self.lr_scheduler, "lr_lambdas"):
+            raise ValueError(f"lr_scaling='adascale' needs a schedule of progress; lr_scheduler_type="
+                             f"{self.args.lr_scheduler_type!r} is not a LambdaLR schedule (use constant, linear, "
+                             "cosine, polynomial, ... with warm-up)")
+        if adascale is not None:  # AdaScale: the schedule runs on progress tau (base-batch steps), not on steps
+            self.lr_scheduler.lr_lambdas = [(lambda _step, f=f: f(int(adascale.progress)))
+                                            for f in self.lr_scheduler.lr_lambdas]
         self._created_lr_scheduler = True
         return self.lr_scheduler
 
     def _before_optimizer_step(self, optimizer, args, kwargs):
         # Under DeepSpeed ZeRO this runs once per param group (the engine steps groups one by one).
-        self._applied_lrs.extend(group["lr"] for group in optimizer.param_groups)
         if not self._reduced_fired and self._wanted("on_reduced_gradients"):
             self._fire_reduced_gradients(self.model)
+        factor = 1.0
+        for alg in self.algorithms:
+            if alg.overrides("lr_factor"):
+                factor *= alg.lr_factor()
+        if factor != 1.0:
+            self._unscaled_group_lrs = [group["lr"] for group in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * factor
+        self._applied_lrs.extend(group["lr"] for group in optimizer.param_groups)
+
+    def _after_optimizer_step(self, optimizer, args, kwargs):
+        if not self._lr_applied_fired:  # under ZeRO the engine steps group by group: report group 0's LR once
+            self._lr_applied_fired = True
+            self._fire("on_lr_applied", learning_rate=self._applied_lrs[0])
+        if self._unscaled_group_lrs is not None:  # the scheduler keeps owning the base LR
+            for group, lr in zip(optimizer.param_groups, self._unscaled_group_lrs):
+                group["lr"] = lr
+            self._unscaled_group_lrs = None
 
     def _get_learning_rate(self) -> float:
         if self._applied_lrs:
@@ -175,6 +210,7 @@ class LargeBatchTrainer(Trainer):
         if self._micro_step == 0:
             self._applied_lrs = []
             self._reduced_fired = False
+            self._lr_applied_fired = False
             self._step_loss_sum = None
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step_loss_sum = loss if self._step_loss_sum is None else self._step_loss_sum + loss
@@ -194,22 +230,33 @@ class LargeBatchTrainer(Trainer):
     def _fire_reduced_gradients(self, model) -> None:
         self._reduced_fired = True
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        loss_scale = self._loss_scale()
         if grads:
             norms = torch._foreach_norm(grads)
-            sq = torch.stack([n.float() for n in norms]).square().sum()
-            scaler = getattr(self.accelerator, "scaler", None)
-            if scaler is not None and scaler.is_enabled():
-                sq = sq / scaler.get_scale() ** 2
+            sq = torch.stack([n.float() for n in norms]).square().sum() / loss_scale ** 2
         else:  # DeepSpeed ZeRO: gradients live in the engine's partitions, the engine has the global norm
             norm = getattr(getattr(self.model_wrapped, "optimizer", None), "_global_grad_norm", None)
             if norm is None:
                 raise RuntimeError("reduced gradients are not readable under this backend")
             sq = torch.as_tensor(float(norm), dtype=torch.float32) ** 2
         self._fire("on_reduced_gradients", model=self.model, grad_sq_norm=sq,
-                   num_micro_batches=self.current_gradient_accumulation_steps)
+                   num_micro_batches=self.current_gradient_accumulation_steps, loss_scale=loss_scale)
+
+    def _loss_scale(self) -> float:
+        """The fp16 GradScaler's current scale (1 without one): hook and ``.grad`` values carry it."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
     def train(self, *args, **kwargs):
         self._micro_step = 0
+        if self._adascale() is not None and self._option("lr_scaling") != "adascale":
+            raise ValueError("an AdaScale callback needs lr_scaling='adascale' (it owns the LR gain and progress); "
+                             f"got lr_scaling={self._option('lr_scaling')!r}")
+        if self._option("lr_scaling") == "adascale":
+            # The budget is the base run's: T_base optimizer steps at B0 (an upper bound, since the gain r >= 1).
+            if self.args.max_steps <= 0:
+                self.args.max_steps = math.ceil(self.args.num_train_epochs * self._update_steps_per_epoch()
+                                                * self.scale)
         if self._wanted("on_local_gradient"):
             for name, param in self.model.named_parameters():
                 if param.requires_grad:
@@ -222,10 +269,7 @@ class LargeBatchTrainer(Trainer):
             self._grad_hook_handles = []
 
     def _on_local_grad(self, name, param, grad):
-        weight = self._micro_weight
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            weight = weight * scaler.get_scale()
+        weight = self._micro_weight * self._loss_scale()
         self._fire("on_local_gradient", name=name, param=param, grad=grad, weight=weight)
 
     # ------------------------------------------------------------------ logging

@@ -1,0 +1,118 @@
+"""AdaScale: the gain rule, progress, the schedule on progress, stopping, S=1 identity, resume and refusals."""
+
+import math
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
+from hf_largebatch.adascale import AdaScale, adascale_gain
+from helpers import digits_dataset, flat_params, tiny_resnet
+
+
+def test_gain_rule():
+    assert adascale_gain(5.0, 1.0, 1) == 1.0
+    assert adascale_gain(1.0, 0.0, 8) == pytest.approx(8.0)          # pure noise: r = S
+    assert adascale_gain(1e-6, 1.0, 8) == pytest.approx(1.0, abs=1e-5)  # no noise: r = 1
+    assert adascale_gain(3.0, 1.0, 4) == pytest.approx((3 + 1) / (3 / 4 + 1))
+
+
+def make(output_dir, per_device=8, ga=4, base=32, epochs=2, callbacks=(), lr_scaling="adascale", eval_dataset=None,
+         **extra):
+    options = dict(output_dir=str(output_dir), per_device_train_batch_size=per_device,
+                   gradient_accumulation_steps=ga, num_train_epochs=epochs, learning_rate=0.05, optim="sgd",
+                   optim_args="momentum=0.9", lr_scheduler_type="cosine", warmup_steps=4, base_batch_size=base,
+                   use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+                   data_seed=0, dataloader_drop_last=True, lr_scaling=lr_scaling)
+    options.update(extra)
+    model = tiny_resnet()
+    history = LRHistory(per_device * ga)
+    trainer = LargeBatchTrainer(model=model, args=LargeBatchArguments(**options),
+                                train_dataset=digits_dataset(256), eval_dataset=eval_dataset,
+                                callbacks=[history, *callbacks])
+    return trainer, model, history
+
+
+def test_scale_one_is_bit_identical_to_no_scaling(tmp_path):
+    a, model_a, hist_a = make(tmp_path / "a", lr_scaling="adascale")
+    b, model_b, hist_b = make(tmp_path / "b", lr_scaling="none")
+    a.train()
+    b.train()
+    assert a.scale == 1 and a.state.global_step == b.state.global_step == 16
+    assert hist_a.learning_rates == hist_b.learning_rates
+    np.testing.assert_array_equal(flat_params(model_a), flat_params(model_b))
+    gains = [h["adascale_gain"] for h in a.state.log_history if "adascale_gain" in h]
+    assert gains and set(gains) == {1.0}
+
+
+def test_progress_schedule_and_stopping(tmp_path):
+    """S = 4: the run stops once progress reaches T_base, each step's LR is gain x schedule(floor(progress))."""
+    trainer, _, history = make(tmp_path, base=8, epochs=2)  # B = 32, S = 4, T_base = 2 epochs x 32 = 64
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "adascale_gain" in h]
+    gains = np.array([h["adascale_gain"] for h in logs])
+    progress = np.array([h["progress"] for h in logs])
+    steps = trainer.state.global_step
+    assert trainer.state.max_steps == 64
+    assert 64 / 4 <= steps < 64 and progress[-1] >= 64 > progress[-2]  # stopped by progress, not by steps
+    assert np.all((gains >= 1) & (gains <= 4)) and gains.max() > 1.2
+    np.testing.assert_allclose(progress, np.cumsum(gains), rtol=1e-9)
+
+    def schedule(tau):  # HF cosine with 4 warm-up steps over T_base = 64, on progress
+        if tau < 4:
+            return tau / 4
+        return 0.5 * (1 + math.cos(math.pi * (tau - 4) / (64 - 4)))
+
+    before = np.concatenate([[0.0], progress[:-1]])
+    expected = [g * 0.05 * schedule(math.floor(t)) for g, t in zip(gains, before)]
+    np.testing.assert_allclose(history.learning_rates, expected, rtol=1e-9)
+    assert [h["learning_rate"] for h in logs] == history.learning_rates  # the logged LR is the applied one
+    assert logs[-1]["epoch"] == pytest.approx(progress[-1] / 32)  # epochs counted on progress (base epochs)
+
+
+def test_evaluation_follows_progress(tmp_path):
+    trainer, _, _ = make(tmp_path, base=8, epochs=2, eval_strategy="steps", eval_steps=16,
+                         eval_dataset=digits_dataset(64))
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    # one evaluation per 16 base steps of progress: at 16, 32, 48 and 64
+    assert len(evals) == 4
+    progress_at_eval = [next(h["progress"] for h in trainer.state.log_history
+                             if h.get("step") == e["step"] and "progress" in h) for e in evals]
+    assert [math.floor(p / 16) for p in progress_at_eval] == [1, 2, 3, 4]
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    full, full_model, full_hist = make(tmp_path / "full", base=8, epochs=1, save_strategy="steps", save_steps=3)
+    full.train()
+    resumed, resumed_model, resumed_hist = make(tmp_path / "resumed", base=8, epochs=1)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert resumed.state.global_step == full.state.global_step
+    np.testing.assert_allclose(resumed_hist.learning_rates, full_hist.learning_rates, rtol=1e-9)
+    assert resumed._adascale().progress == pytest.approx(full._adascale().progress, rel=1e-9)
+    np.testing.assert_allclose(flat_params(resumed_model), flat_params(full_model), rtol=0, atol=1e-6)
+
+
+def test_adam_uses_sqrt_gain(tmp_path):
+    trainer, _, history = make(tmp_path, base=8, epochs=1, optim="adamw_torch", learning_rate=1e-3,
+                               optim_args=None)
+    trainer.train()
+    alg = trainer._adascale()
+    assert alg.adam
+    logs = [h for h in trainer.state.log_history if "adascale_gain" in h]
+    last = logs[-1]
+    assert last["learning_rate"] / history.learning_rates[-1] == 1.0
+    assert alg.lr_factor() == pytest.approx(math.sqrt(alg.gain))
+
+
+def test_refusals(tmp_path):
+    with pytest.raises(ValueError, match="base_batch_size"):
+        LargeBatchArguments(output_dir=str(tmp_path), lr_scaling="adascale")
+    trainer, _, _ = make(tmp_path, per_device=32, ga=1, base=8, lr_scaling="adascale")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps >= 2"):
+        trainer.train()
+    trainer, _, _ = make(tmp_path, base=8, lr_scaling="linear", callbacks=[AdaScale()])
+    with pytest.raises(ValueError, match="lr_scaling='adascale'"):
+        trainer.train()
