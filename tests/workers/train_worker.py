@@ -13,15 +13,37 @@ import torch
 import torch.distributed as dist
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
+from hf_largebatch.adascale import AdaScale
 from hf_largebatch.backends import load_deepspeed_config, zero_stage
-from helpers import (digits_dataset, flat_params, freeze_batchnorm_statistics, tiny_bert_classifier,
+from helpers import (DictDataset, digits_dataset, flat_params, freeze_batchnorm_statistics, tiny_bert_classifier,
                      tiny_gpt2_lm, tiny_resnet, token_dataset)
+
+
+class MeanEstimator(torch.nn.Module):
+    """loss = mean_j 0.5 ||w - x_j||^2 with w = 0: each example's gradient is -x_j, chosen by the data."""
+
+    def __init__(self, dim=4):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x, labels=None):
+        return {"loss": 0.5 * ((self.w - x) ** 2).sum(-1).mean()}
+
+
+def points(x):
+    return DictDataset(x=x, labels=torch.zeros(len(x), dtype=torch.long))
 
 MODELS = {
     "resnet": (lambda: freeze_batchnorm_statistics(tiny_resnet()), lambda: digits_dataset(256)),
     "bert": (tiny_bert_classifier, lambda: token_dataset(256, 12, 64, 3)),
     "gpt2": (tiny_gpt2_lm, lambda: token_dataset(256, 12, 64, None)),
+    # per-rank, per-micro-batch gradients that are mutually orthogonal / all identical (AdaScale golden gains)
+    "orthogonal": (MeanEstimator, lambda: points(torch.eye(4))),
+    "identical": (MeanEstimator, lambda: points(torch.ones(4, 4) / 2)),
+    "gaussian": (lambda: MeanEstimator(10),
+                 lambda: points(0.5 + 2 * torch.randn(256, 10, generator=torch.Generator().manual_seed(0)))),
 }
+CALLBACKS = {"adascale_raw": lambda: AdaScale(theta=0.0)}
 
 
 def run_one(run: dict, deepspeed: str | None) -> dict:
@@ -40,15 +62,17 @@ def run_one(run: dict, deepspeed: str | None) -> dict:
         disable_tqdm=True, seed=0, data_seed=0, dataloader_drop_last=True, max_grad_norm=0.0,
         **run.get("args", {}))
     history = LRHistory(0)
-    trainer = LargeBatchTrainer(model=model, args=args, train_dataset=make_data(), callbacks=[history])
+    callbacks = [history, *(CALLBACKS[name]() for name in run.get("callbacks", []))]
+    trainer = LargeBatchTrainer(model=model, args=args, train_dataset=make_data(), callbacks=callbacks)
     trainer.train()
     return {
         "args_world_size": args.world_size,
-        "dist_world_size": dist.get_world_size(),
+        "dist_world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "scale": trainer.scale,
         "learning_rates": history.learning_rates,
         "losses": history.losses,
         "fingerprints": fingerprints,
+        "log_history": trainer.state.log_history,
         "params": _gathered_params(trainer) if zero_stage(load_deepspeed_config(deepspeed)) == 3
         else flat_params(model).tolist(),
     }
