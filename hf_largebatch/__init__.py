@@ -6,12 +6,16 @@ Public API::
     LargeBatchArguments    TrainingArguments + lr_scaling / base_batch_size / legw_base_warmup_epochs / ...
     Algorithm              TrainerCallback with the extra large-batch events and checkpoint state
     LRHistory              callback recording the applied LR, loss and examples seen per step (for plots)
+    AdaScale               the AdaScale / AdamScale algorithm (added for lr_scaling="adascale")
+    NoiseScaleMonitor      gradient-noise-scale telemetry for any run (no LR change)
 """
 
+from .adascale import AdaScale
 from .algorithm import Algorithm
 from .arguments import LargeBatchArguments
 from .reporting import LRHistory
+from .stats import NoiseScaleMonitor
 from .trainer import LargeBatchTrainer
 
-__all__ = ["Algorithm", "LargeBatchArguments", "LargeBatchTrainer", "LRHistory"]
+__all__ = ["AdaScale", "Algorithm", "LargeBatchArguments", "LargeBatchTrainer", "LRHistory", "NoiseScaleMonitor"]
 __version__ = "0.1.0"

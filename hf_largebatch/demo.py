@@ -1,8 +1,9 @@
 """``hf-largebatch demo``: the main job on data every machine has.
 
 scikit-learn's bundled handwritten digits (1,797 real 8x8 images, no download) and a small HF
-``ResNetForImageClassification``: a base run at ``B0`` and runs at ``S x B0`` with the linear rule (+ warm-up) and
-with LEGW, all on the same epoch budget. Prints a table and writes a PNG of LR and loss vs examples seen.
+``ResNetForImageClassification``: a base run at ``B0`` and runs at ``S x B0`` with the linear rule (+ warm-up), with
+LEGW (both on the base run's epoch budget) and with AdaScale (on the base run's budget in *progress*: it stops
+once its gains add up to the base run's step count). Prints a table and writes a PNG of LR and loss vs examples.
 """
 
 from __future__ import annotations
@@ -77,16 +78,19 @@ def run_demo(output_dir: str = "hf_largebatch_demo", base_batch_size: int = 16, 
         DemoRun(f"base B0={base_batch_size}", "legw", 1),
         DemoRun(f"linear+warmup {scale}xB0", "linear", scale, warmup_steps=0.1),
         DemoRun(f"LEGW {scale}xB0", "legw", scale),
+        DemoRun(f"AdaScale {scale}xB0", "adascale", scale),
     ]
     rows, histories = [], {}
     for run in runs:
         batch = base_batch_size * run.scale
+        micro_batches = 2 if run.lr_scaling == "adascale" else 1  # AdaScale measures variance over micro-batches
         args = LargeBatchArguments(
             output_dir=os.path.join(output_dir, run.lr_scaling + f"_x{run.scale}"),
-            per_device_train_batch_size=batch, per_device_eval_batch_size=len(test), num_train_epochs=epochs,
+            per_device_train_batch_size=batch // micro_batches, gradient_accumulation_steps=micro_batches, per_device_eval_batch_size=len(test), num_train_epochs=epochs,
             learning_rate=learning_rate, lr_scaling=run.lr_scaling, base_batch_size=base_batch_size,
             legw_base_warmup_epochs=base_warmup_epochs if run.lr_scaling == "legw" else 0.0,
-            warmup_steps=run.warmup_steps, lr_scheduler_type="cosine", optim="sgd",
+            warmup_steps=run.warmup_steps if run.lr_scaling != "adascale" else base_warmup_epochs / epochs,
+            lr_scheduler_type="cosine", optim="sgd",
             optim_args="momentum=0.9", weight_decay=5e-4, use_cpu=True, report_to=[], save_strategy="no",
             logging_strategy="no", eval_strategy="no", seed=seed, data_seed=seed, dataloader_drop_last=True,
         )
@@ -104,6 +108,8 @@ def run_demo(output_dir: str = "hf_largebatch_demo", base_batch_size: int = 16, 
             "run": run.label, "global_batch": batch, "scale": trainer.scale,
             "peak_lr": max(history.learning_rates), "warmup_steps": trainer.lr_plan(trainer.state.max_steps)[1],
             "steps": trainer.state.global_step, "test_accuracy": metrics["eval_accuracy"], "wall_s": wall,
+            "mean_gain": (trainer._adascale().progress / trainer.state.global_step
+                          if run.lr_scaling == "adascale" else None),
         })
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(rows, f, indent=2)
@@ -113,8 +119,10 @@ def run_demo(output_dir: str = "hf_largebatch_demo", base_batch_size: int = 16, 
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| run | global batch | S | peak LR | warm-up steps | steps | test accuracy | wall time (s) |"
-    sep = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    head = ("| run | global batch | S | peak LR (applied) | warm-up steps | steps | AdaScale mean gain "
+            "| test accuracy | wall time (s) |")
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     body = [f"| {r['run']} | {r['global_batch']} | {r['scale']:g} | {r['peak_lr']:.4g} | {r['warmup_steps']} | "
-            f"{r['steps']} | {r['test_accuracy']:.4f} | {r['wall_s']:.1f} |" for r in rows]
+            f"{r['steps']} | {'-' if r['mean_gain'] is None else format(r['mean_gain'], '.2f')} | "
+            f"{r['test_accuracy']:.4f} | {r['wall_s']:.1f} |" for r in rows]
     return "\n".join([head, sep, *body])

@@ -122,8 +122,10 @@ class GradientStatistics(Algorithm):
         self.update(total_sq / n, float(grad_sq_norm), n)
 
     def update(self, local_sq_mean: float, reduced_sq: float, n: int) -> None:
-        """One step's ``L``, ``T``, ``n`` into the smoothed estimates (skipped when anything is non-finite)."""
-        if not (math.isfinite(local_sq_mean) and math.isfinite(reduced_sq)):
+        """One step's ``L``, ``T``, ``n`` into the smoothed estimates. Skipped (the previous estimates stand) when
+        anything is non-finite, or when the step had a single micro-batch (the short last accumulation group of an
+        epoch whose micro-batches do not divide by gradient_accumulation_steps)."""
+        if n < 2 or not (math.isfinite(local_sq_mean) and math.isfinite(reduced_sq)):
             self.skipped_steps += 1
             return
         grad_sqr, micro_var = unbiased_estimates(local_sq_mean, reduced_sq, n)
@@ -151,3 +153,11 @@ class GradientStatistics(Algorithm):
         self.grad_sqr.load_state_dict(state["grad_sqr"])
         self.grad_var.load_state_dict(state["grad_var"])
         self.skipped_steps = int(state["skipped_steps"])
+
+
+class NoiseScaleMonitor(GradientStatistics):
+    """The gradient-noise-scale telemetry on its own: add it to any run (``callbacks=[NoiseScaleMonitor()]``) to
+    log ``grad_sqr``, ``grad_var`` and ``noise_scale`` (B_simple, an estimate of the critical batch size in
+    examples) without changing training. Needs ``world_size x gradient_accumulation_steps >= 2``."""
+
+    name = "noise_scale_monitor"

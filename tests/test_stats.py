@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
-from hf_largebatch.stats import BiasCorrectedEMA, GradientStatistics, smoothing_for_scale, unbiased_estimates
+from hf_largebatch import NoiseScaleMonitor
+from hf_largebatch.stats import BiasCorrectedEMA, smoothing_for_scale, unbiased_estimates
 from helpers import DictDataset
 
 DIM, MU, SIGMA = 10, 0.5, 2.0
@@ -62,7 +63,7 @@ def test_bias_corrected_ema():
 @pytest.mark.parametrize("per_device,ga", [(8, 4), (4, 8)])
 def test_monitor_recovers_known_statistics_through_the_trainer(per_device, ga):
     """lr = 0 keeps w = 0, so every step samples the same distribution; the smoothed estimates converge."""
-    stats = GradientStatistics(theta=0.99)
+    stats = NoiseScaleMonitor(theta=0.99)
     args = LargeBatchArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=per_device,
                                gradient_accumulation_steps=ga, max_steps=300, learning_rate=0.0, optim="sgd",
                                base_batch_size=8, use_cpu=True, report_to=[], save_strategy="no", logging_steps=50,
@@ -82,6 +83,6 @@ def test_monitor_refuses_a_single_micro_batch():
     args = LargeBatchArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=8, max_steps=2,
                                use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
     trainer = LargeBatchTrainer(model=MeanEstimator(), args=args, train_dataset=gaussian_points(64),
-                                callbacks=[GradientStatistics()])
+                                callbacks=[NoiseScaleMonitor()])
     with pytest.raises(ValueError, match="gradient_accumulation_steps >= 2"):
         trainer.train()
