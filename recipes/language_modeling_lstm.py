@@ -1,0 +1,179 @@
+"""LSTM language model (Zaremba et al. 2014) on PTB / Tiny Shakespeare / your text, with ``LargeBatchTrainer``.
+
+Reports perplexity: ``eval_perplexity = exp(eval_loss)`` in the Trainer's eval logs (every evaluation), in the
+returned metrics and in ``<output_dir>/summary.json``. Exact: every example has ``seq_len`` predicted tokens
+(``hf_largebatch.data.text.LMChunks``), so the example-weighted eval loss is the token mean. Each example starts
+from a zero LSTM state (not carried across batches as in Zaremba's set-up), which costs some perplexity.
+
+Zaremba's hyper-parameters on this loss: Zaremba (and TF's PTB tutorial) minimise the cross-entropy *summed* over
+the ``seq_len`` time steps and averaged over the batch, with SGD lr 1 and gradient clipping at norm 5. The loss here
+(HF convention) is the *mean* over tokens, 1/seq_len of that, so the same updates are ``--learning_rate 35
+--max_grad_norm 0.142857`` (lr x seq_len, clip / seq_len, for seq_len 35); ``--learning_rate 1`` is 35x smaller. (Zaremba's code unrolls
+the small model 20 steps: ``--seq_len 20 --learning_rate 20 --max_grad_norm 0.25``; medium and large 35.)
+
+Examples (data from ``$HF_LARGEBATCH_DATA``, default ``../shared/data``)::
+
+    # Zaremba small (2x200, no dropout), Zaremba's updates at batch 20, one epoch
+    python recipes/language_modeling_lstm.py --output_dir out/ptb_small --preset zaremba_small --optim sgd \
+        --learning_rate 35 --max_grad_norm 0.142857 --lr_scheduler_type constant \
+        --per_device_train_batch_size 20 --num_train_epochs 1
+
+    # 8x the batch, LEGW from the base batch 20
+    python recipes/language_modeling_lstm.py --output_dir out/ptb_legw --preset zaremba_small --optim sgd \
+        --learning_rate 35 --max_grad_norm 0.142857 --per_device_train_batch_size 160 --lr_scaling legw \
+        --base_batch_size 20 --legw_base_warmup_epochs 0.05 --num_train_epochs 1
+
+    # 2 processes: DDP on CPU, or DeepSpeed ZeRO-2 (on CPU without --use_cpu)
+    torchrun --nproc_per_node 2 recipes/language_modeling_lstm.py ... --use_cpu
+    torchrun --nproc_per_node 2 recipes/language_modeling_lstm.py ... --deepspeed recipes/configs/ds_zero2.json
+
+    # fine-tune a saved model (its vocab.json is reused; the architecture comes from its config)
+    python recipes/language_modeling_lstm.py --model_name_or_path out/ptb_small --output_dir out/ft ...
+
+``--do_predict`` also reports ``test_perplexity`` (PTB's test split). Gradient clipping is ``--max_grad_norm``
+(HF's default is 1). On a busy 2-core CPU, ``OMP_NUM_THREADS=1`` is often faster than 2 threads for LSTMs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, set_seed
+
+from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
+from hf_largebatch.data.text import LEVELS, Vocabulary, load_lm_corpus
+from hf_largebatch.models import LSTM_PRESETS, LSTMForCausalLM, LSTMLMConfig
+from hf_largebatch.reporting import write_summary
+
+VOCAB_FILE = "vocab.json"
+ARCHITECTURE_FLAGS = ("embedding_size", "hidden_size", "num_layers", "tie_word_embeddings")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Fine-tune this saved LSTM LM (a folder written by this recipe or save_pretrained; its "
+                          f"{VOCAB_FILE} is reused). Default: a new model from --preset and the size flags."})
+    preset: str = field(default="zaremba_small", metadata={
+        "help": "Model size for a new model: " + "; ".join(
+            f"{k}: {v['num_layers']}x{v['hidden_size']}, dropout {v['dropout']}" for k, v in LSTM_PRESETS.items()),
+        "choices": list(LSTM_PRESETS)})
+    embedding_size: int | None = field(default=None, metadata={"help": "Override the preset's embedding size."})
+    hidden_size: int | None = field(default=None, metadata={"help": "Override the preset's LSTM units."})
+    num_layers: int | None = field(default=None, metadata={"help": "Override the preset's number of layers."})
+    dropout: float | None = field(default=None, metadata={
+        "help": "Override the dropout (Zaremba-style: embeddings, between layers, before the output); also "
+                "applies to --model_name_or_path."})
+    init_range: float | None = field(default=None, metadata={"help": "Override the uniform init range."})
+    tie_word_embeddings: bool | None = field(default=None, metadata={
+        "help": "Tie the output layer to the embeddings (needs embedding_size == hidden_size)."})
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="ptb", metadata={
+        "help": "ptb | tinyshakespeare (char) | tinyshakespeare-word | a text file (split 90/10) | a folder with "
+                "train.txt [valid.txt test.txt] | a datasets save_to_disk folder with a 'text' column."})
+    level: str | None = field(default=None, metadata={"help": "word | char, for tinyshakespeare and paths.",
+                                                      "choices": list(LEVELS)})
+    seq_len: int = field(default=35, metadata={"help": "Tokens predicted per example (BPTT length)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation examples."})
+    max_vocab_size: int = field(default=10000, metadata={
+        "help": "Word level: keep the most frequent words (+<unk>) of the training split."})
+    lowercase: bool = field(default=False, metadata={"help": "Lower-case a path's text."})
+    text_column: str = field(default="text", metadata={"help": "Text column of a datasets folder."})
+
+
+class LanguageModelingTrainer(LargeBatchTrainer):
+    """Adds ``<prefix>_perplexity = exp(<prefix>_loss)`` to every evaluation's logs (and, as the dict is the
+    same object, to the metrics ``evaluate`` returns). No ``compute_metrics``: logits are never gathered."""
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for key in list(logs):
+            prefix = key[: -len("_loss")]
+            if key.endswith("_loss") and prefix != "train" and f"{prefix}_runtime" in logs:
+                logs[f"{prefix}_perplexity"] = perplexity(logs[key])
+        super().log(logs, start_time)
+
+
+def perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def build_model(model_args: ModelArguments, vocab_size: int):
+    overrides = {k: getattr(model_args, k) for k in (*ARCHITECTURE_FLAGS, "dropout", "init_range")
+                 if getattr(model_args, k) is not None}
+    if model_args.model_name_or_path is None:
+        config = LSTMLMConfig.from_preset(model_args.preset, vocab_size=vocab_size, **overrides)
+        return LSTMForCausalLM(config)
+    saved = AutoConfig.from_pretrained(model_args.model_name_or_path)
+    fixed = (*ARCHITECTURE_FLAGS, "init_range")
+    clash = [f"--{k} {overrides[k]} (the checkpoint has {getattr(saved, k)})"
+             for k in fixed if k in overrides and overrides[k] != getattr(saved, k)]
+    if clash:
+        raise ValueError(f"--model_name_or_path takes the architecture from its config; drop {', '.join(clash)}")
+    overrides = {k: v for k, v in overrides.items() if k not in fixed}  # only the dropout may change
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **overrides)
+    if vocab_size > model.config.vocab_size:
+        raise ValueError(f"the data's vocabulary has {vocab_size} tokens but {model_args.model_name_or_path} was "
+                         f"trained with {model.config.vocab_size}; fine-tune on data encoded with its {VOCAB_FILE}")
+    return model
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataArguments, LargeBatchArguments))
+    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+    set_seed(args.seed)
+
+    vocab = None
+    if model_args.model_name_or_path is not None:
+        vocab_path = os.path.join(model_args.model_name_or_path, VOCAB_FILE)
+        if os.path.isfile(vocab_path):
+            vocab = Vocabulary.load(vocab_path)
+    corpus = load_lm_corpus(data_args.dataset, level=data_args.level, vocab=vocab,
+                            max_vocab_size=data_args.max_vocab_size, lowercase=data_args.lowercase,
+                            text_column=data_args.text_column)
+    train = corpus.chunks("train", data_args.seq_len, data_args.max_train_samples)
+    valid = corpus.chunks("validation", data_args.seq_len, data_args.max_eval_samples)
+    model = build_model(model_args, len(corpus.vocab))
+
+    trainer = LanguageModelingTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid)
+    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        corpus.vocab.save(os.path.join(args.output_dir, VOCAB_FILE))
+
+    metrics = dict(train_result.metrics)
+    metrics.update(trainer.evaluate())
+    if args.do_predict and "test" in corpus.splits:
+        metrics.update(trainer.evaluate(corpus.chunks("test", data_args.seq_len), metric_key_prefix="test"))
+
+    summary = write_summary(
+        trainer, metrics, os.path.join(args.output_dir, "summary.json"), task="language_modeling",
+        dataset=corpus.name, metric_name="eval_perplexity", seq_len=data_args.seq_len,
+        train_examples=len(train), eval_examples=len(valid), vocab_size=len(corpus.vocab),
+        model=model.config.to_diff_dict() | {"model_type": model.config.model_type},
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        model_name_or_path=model_args.model_name_or_path,
+    )
+    if trainer.is_world_process_zero():
+        print(f"eval_perplexity = {metrics['eval_perplexity']:.3f} (eval_loss {metrics['eval_loss']:.4f}, "
+              f"{corpus.name}, global batch {trainer.global_batch_size}, {trainer.state.global_step} steps)")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
