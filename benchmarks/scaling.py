@@ -8,7 +8,9 @@ time) and PNG plots (metric vs steps and vs examples; applied LR vs steps) to ``
     python benchmarks/scaling.py --task image --quick        # CI smoke test
 
 Warm-up, as the methods define it: the base run warms up for ``--warmup-epochs`` (w0); ``linear`` and ``sqrt`` keep
-that warm-up in epochs (Goyal et al.'s recipe); ``legw`` stretches it to ``S * w0`` epochs.
+that warm-up in epochs (Goyal et al.'s recipe); ``legw`` stretches it to ``S * w0`` epochs; ``adascale`` keeps the
+base run's warm-up in *progress* (base-batch steps) and runs 2 micro-batches per step (it measures the gradient
+variance across them), stopping when its progress reaches the base run's step budget.
 """
 
 from __future__ import annotations
@@ -23,31 +25,33 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("linear", "sqrt", "legw")
+METHODS = ("linear", "sqrt", "legw", "adascale")
 
 # Per task: the recipe, its fixed arguments, the base batch, LR and epochs tuned for the base run, the metric.
 TASKS = {
     "image": {
         "recipe": "recipes/image_classification.py",
-        "args": ["--dataset", "fashion_mnist", "--preset", "cifar_small", "--optim", "sgd",
-                 "--optim_args", "momentum=0.9", "--weight_decay", "5e-4", "--lr_scheduler_type", "cosine"],
-        "base_batch": 64, "learning_rate": 0.05, "epochs": 3, "warmup_epochs": 0.25,
+        "args": ["--dataset", "fashion_mnist", "--preset", "tiny", "--max_train_samples", "10000",
+                 "--max_eval_samples", "2000", "--optim", "sgd", "--optim_args", "momentum=0.9",
+                 "--weight_decay", "5e-4", "--lr_scheduler_type", "cosine"],
+        "base_batch": 64, "learning_rate": 0.05, "epochs": 4, "warmup_epochs": 0.25,
         "metric": "eval_accuracy", "higher_is_better": True,
         "quick": ["--max_train_samples", "512", "--max_eval_samples", "256"],
     },
     "lstm": {
         "recipe": "recipes/language_modeling_lstm.py",
-        "args": ["--dataset", "ptb", "--preset", "zaremba_small", "--optim", "sgd", "--max_grad_norm", "5",
-                 "--lr_scheduler_type", "cosine"],
-        "base_batch": 20, "learning_rate": 1.0, "epochs": 2, "warmup_epochs": 0.1,
+        # Zaremba's SGD lr 1 / clip 5 on the summed-over-time loss == lr 35 / clip 5/35 on the token mean
+        "args": ["--dataset", "ptb", "--preset", "tiny", "--max_train_samples", "8000", "--max_eval_samples",
+                 "1000", "--optim", "sgd", "--max_grad_norm", "0.142857", "--lr_scheduler_type", "cosine"],
+        "base_batch": 20, "learning_rate": 35.0, "epochs": 2, "warmup_epochs": 0.1,
         "metric": "eval_perplexity", "higher_is_better": False,
         "quick": ["--max_train_samples", "400", "--max_eval_samples", "100"],
     },
     "translation": {
         "recipe": "recipes/translation.py",
-        "args": ["--preset", "tiny", "--optim", "adamw_torch", "--lr_scheduler_type", "linear",
-                 "--predict_with_generate", "--generation_num_beams", "1"],
-        "base_batch": 64, "learning_rate": 5e-4, "epochs": 5, "warmup_epochs": 0.5,
+        "args": ["--preset", "tiny", "--max_train_samples", "6000", "--max_eval_samples", "200",
+                 "--optim", "adamw_torch", "--lr_scheduler_type", "linear", "--generation_num_beams", "1"],
+        "base_batch": 32, "learning_rate": 5e-4, "epochs": 3, "warmup_epochs": 0.5,
         "metric": "eval_bleu", "higher_is_better": True,
         "quick": ["--max_train_samples", "256", "--max_eval_samples", "32"],
     },
@@ -65,14 +69,17 @@ def recipe_command(task: dict, multiple: int, method: str, epochs: float, out_di
                    quick: bool) -> list[str]:
     base = task["base_batch"]
     w0 = task["warmup_epochs"]
+    micro_batches = 2 if method == "adascale" else 1
     cmd = [sys.executable, task["recipe"], *task["args"], "--output_dir", str(out_dir),
-           "--per_device_train_batch_size", str(base * multiple), "--num_train_epochs", str(epochs),
+           "--per_device_train_batch_size", str(base * multiple // micro_batches),
+           "--gradient_accumulation_steps", str(micro_batches), "--num_train_epochs", str(epochs),
            "--learning_rate", str(task["learning_rate"]), "--base_batch_size", str(base),
            "--eval_strategy", "epoch", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
            "--seed", "0", "--disable_tqdm", "true", "--use_cpu"]
     if method == "legw":
         cmd += ["--lr_scaling", "legw", "--legw_base_warmup_epochs", str(w0)]
-    else:  # base, linear, sqrt: the base run's warm-up, in epochs, as a fraction of the run
+    else:  # base, linear, sqrt, adascale: the base run's warm-up, in epochs, as a fraction of the run (of the
+        # base run's budget for adascale, whose schedule runs on progress)
         cmd += ["--lr_scaling", "none" if method == "base" else method, "--warmup_steps", str(min(w0 / epochs, 0.5))]
     if quick:
         cmd += task["quick"]
@@ -150,7 +157,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=sorted(TASKS), required=True)
     p.add_argument("--multiples", type=int, nargs="+", default=[1, 8, 16])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=["linear", "sqrt", "legw"], choices=METHODS)
     p.add_argument("--epochs", type=float, help="epoch budget of every run (default: the task's)")
     p.add_argument("--repeats", type=int, default=1, help="runs are interleaved over repeats")
     p.add_argument("--out", help="output folder (default benchmarks/results/<task>)")
