@@ -6,7 +6,7 @@ allocator state do not favour one side; the child times every optimizer step (``
 (and, on CUDA, the child's ``max_memory_allocated``). Reported: the median over repeats of each variant's median
 step time, and the ratio variant / baseline, with the spread of per-repeat ratios.
 
-    python benchmarks/overhead.py --variants hf_trainer plain lr_history --batch 256 --steps 60 --repeats 5
+    python benchmarks/overhead.py --variants plain hf_trainer noise_monitor adascale --steps 60 --repeats 5
 """
 
 from __future__ import annotations
@@ -28,22 +28,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _variants():
-    """name -> (trainer class, args class, callbacks factory). Later algorithms register here."""
+    """name -> (trainer class, args class, callbacks factory, extra arguments). New algorithms register here."""
     from transformers import Trainer, TrainingArguments
 
-    from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
+    from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory, NoiseScaleMonitor
 
     return {
-        "hf_trainer": (Trainer, TrainingArguments, lambda batch: []),
-        "plain": (LargeBatchTrainer, LargeBatchArguments, lambda batch: []),
-        "lr_history": (LargeBatchTrainer, LargeBatchArguments, lambda batch: [LRHistory(batch)]),
+        "hf_trainer": (Trainer, TrainingArguments, lambda batch: [], {}),
+        "plain": (LargeBatchTrainer, LargeBatchArguments, lambda batch: [], {}),
+        "lr_history": (LargeBatchTrainer, LargeBatchArguments, lambda batch: [LRHistory(batch)], {}),
+        "noise_monitor": (LargeBatchTrainer, LargeBatchArguments, lambda batch: [NoiseScaleMonitor()], {}),
+        "adascale": (LargeBatchTrainer, LargeBatchArguments, lambda batch: [],
+                     {"lr_scaling": "adascale", "base_batch_size_divisor": 8}),
     }
 
 
-VARIANTS = ("hf_trainer", "plain", "lr_history")
+VARIANTS = ("hf_trainer", "plain", "lr_history", "noise_monitor", "adascale")
 
 
-def _child(variant: str, batch: int, steps: int, warmup: int, data: str) -> dict:
+def _child(variant: str, batch: int, grad_accum: int, steps: int, warmup: int, data: str) -> dict:
     from transformers import TrainerCallback
 
     from hf_largebatch.demo import digits_splits, small_resnet
@@ -51,7 +54,10 @@ def _child(variant: str, batch: int, steps: int, warmup: int, data: str) -> dict
     if data != "digits":
         raise ValueError(f"unknown --data {data!r}")
     train, _ = digits_splits()
-    trainer_cls, args_cls, callbacks = _variants()[variant]
+    trainer_cls, args_cls, callbacks, extra = _variants()[variant]
+    extra = dict(extra)
+    if "base_batch_size_divisor" in extra:  # AdaScale at S = 8; max_steps then counts base steps, so stretch it
+        extra["base_batch_size"] = batch * grad_accum // extra.pop("base_batch_size_divisor")
     times: list[float] = []
 
     class StepTimer(TrainerCallback):
@@ -63,20 +69,24 @@ def _child(variant: str, batch: int, steps: int, warmup: int, data: str) -> dict
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
 
-    args = args_cls(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps,
+    args = args_cls(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch,
+                    gradient_accumulation_steps=grad_accum, max_steps=steps * (8 if "base_batch_size" in extra else 1),
                     learning_rate=0.05, optim="sgd", report_to=[], save_strategy="no", logging_steps=10,
-                    disable_tqdm=True, seed=0, use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True)
+                    disable_tqdm=True, seed=0, use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True,
+                    **extra)
     trainer = trainer_cls(model=small_resnet(), args=args, train_dataset=train,
                           callbacks=[StepTimer(), *callbacks(batch)])
     trainer.train()
-    result = {"variant": variant, "median_step_s": statistics.median(times[warmup:]), "steps_timed": len(times[warmup:])}
+    times = times[warmup:steps]
+    result = {"variant": variant, "median_step_s": statistics.median(times), "steps_timed": len(times)}
     if torch.cuda.is_available():
         result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     return result
 
 
 def _run_child(variant, opts) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--batch", str(opts.batch), "--steps", str(opts.steps),
+    cmd = [sys.executable, __file__, "--child", variant, "--batch", str(opts.batch), "--grad-accum",
+           str(opts.grad_accum), "--steps", str(opts.steps),
            "--warmup", str(opts.warmup), "--data", opts.data]
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, cwd=REPO,
@@ -99,7 +109,7 @@ def measure(opts) -> dict:
     base = opts.variants[0]
     summary = {"machine": f"{platform.machine()}, {os.cpu_count()} cores"
                + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU only"),
-               "batch": opts.batch, "steps": opts.steps, "warmup": opts.warmup, "repeats": opts.repeats,
+               "batch": opts.batch, "grad_accum": opts.grad_accum, "steps": opts.steps, "warmup": opts.warmup, "repeats": opts.repeats,
                "baseline": base, "variants": {}}
     for variant, results in runs.items():
         ratios = [r["median_step_s"] / b["median_step_s"] for r, b in zip(results, runs[base])]
@@ -116,7 +126,8 @@ def measure(opts) -> dict:
 
 
 def to_markdown(summary: dict) -> str:
-    lines = [f"Baseline `{summary['baseline']}`, batch {summary['batch']}, {summary['steps']} steps "
+    lines = [f"Baseline `{summary['baseline']}`, {summary['grad_accum']} micro-batches of {summary['batch']} a step, "
+             f"{summary['steps']} steps "
              f"({summary['warmup']} untimed), {summary['repeats']} interleaved repeats; {summary['machine']}.", "",
              "| variant | median step (ms) | step-time ratio (median) | ratio min-max | peak RSS (MiB) | RSS ratio |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -131,7 +142,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=["plain", "lr_history"],
                    help=f"first one is the baseline; choices: {', '.join(VARIANTS)}")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, default=128, help="per-device micro-batch")
+    p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (AdaScale needs >= 2)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10, help="first steps left out of the timing")
     p.add_argument("--repeats", type=int, default=5)
@@ -141,7 +153,7 @@ def main(argv=None):
     p.add_argument("--child", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.child:
-        print(json.dumps(_child(opts.child, opts.batch, opts.steps, opts.warmup, opts.data)))
+        print(json.dumps(_child(opts.child, opts.batch, opts.grad_accum, opts.steps, opts.warmup, opts.data)))
         return 0
     unknown = [v for v in opts.variants if v not in VARIANTS]
     if unknown:

@@ -14,9 +14,7 @@ default, the MRO is ``LargeBatchArguments -> Seq2SeqTrainingArguments -> Trainin
 (``Seq2SeqTrainingArguments`` has none); ``to_dict`` is ``Seq2SeqTrainingArguments``'s (serialises a
 ``GenerationConfig``). It works with ``HfArgumentParser``.
 
-Two fixes over ``Seq2SeqTrainer`` (transformers 5.23). Evaluation and prediction never drop examples:
-``dataloader_drop_last`` (which keeps the training global batch constant) applies to the training loader only, not
-to the evaluation loaders as in HF. And ``Seq2SeqTrainer``'s ``evaluate``/``predict`` gather predictions with
+A fix over ``Seq2SeqTrainer`` (transformers 5.23): ``Seq2SeqTrainer``'s ``evaluate``/``predict`` gather predictions with
 ``accelerator.gather`` rather than ``gather_for_metrics`` (HF PR #27025, for ``num_return_sequences > 1``), so in
 multi-process evaluation the samples that Accelerate repeats to even out the last batch reach ``compute_metrics``
 (e.g. 50 eval sentences on 2 ranks x 16 give 64 predictions). With one returned sequence per input we gather with
@@ -59,19 +57,6 @@ class LargeBatchSeq2SeqTrainer(LargeBatchTrainer, Seq2SeqTrainer):
             raise ValueError(
                 f"label_smoothing_factor={self.args.label_smoothing_factor} is not applied by hf_largebatch's "
                 "token-level training loss (loss_normalization='tokens'/'auto'); set label_smoothing_factor=0")
-
-    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
-                        dataloader_key=None):
-        # ``dataloader_drop_last`` keeps the training global batch constant (which LR scaling assumes); HF applies
-        # it to evaluation and prediction too, where it would silently leave sentences out of the corpus metric.
-        drop_last = self.args.dataloader_drop_last
-        if not is_training:
-            self.args.dataloader_drop_last = False
-        try:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn=sampler_fn,
-                                           is_training=is_training, dataloader_key=dataloader_key)
-        finally:
-            self.args.dataloader_drop_last = drop_last
 
     def _returns_one_sequence_per_input(self) -> bool:
         gen_kwargs = getattr(self, "_gen_kwargs", None) or {}

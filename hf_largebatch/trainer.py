@@ -168,6 +168,19 @@ class LargeBatchTrainer(Trainer):
             return self._applied_lrs[0]
         return super()._get_learning_rate()
 
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
+                        dataloader_key=None):
+        # ``dataloader_drop_last`` keeps the training global batch constant (which LR scaling assumes); HF applies
+        # it to evaluation and prediction too, where it would silently leave sentences out of the corpus metric.
+        drop_last = self.args.dataloader_drop_last
+        if not is_training:
+            self.args.dataloader_drop_last = False
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn=sampler_fn,
+                                           is_training=is_training, dataloader_key=dataloader_key)
+        finally:
+            self.args.dataloader_drop_last = drop_last
+
     # ------------------------------------------------------------------ split-invariant loss
     def _loss_mode(self, labels) -> str:
         return loss_rules.resolve(self._option("loss_normalization"), labels)

@@ -21,6 +21,9 @@ the same global batch, which LR scaling assumes), ``per_device_eval_batch_size``
 final model is still saved), ``do_train`` and ``do_eval`` True, ``logging_steps`` 20. Evaluation never drops
 examples: the eval loader ignores ``dataloader_drop_last`` (``eval_examples`` in the metrics is the count).
 
+Threads: on a 2-core machine that other jobs share, run with ``OMP_NUM_THREADS=1``; two OpenMP threads measured
+3-10x slower than one there (they spin waiting for each other), and only help on idle cores.
+
 At the end it evaluates, writes ``<output_dir>/summary.json`` (``hf_largebatch.reporting.write_summary``) and
 prints ``eval_accuracy``.
 """
@@ -93,18 +96,6 @@ class DataArguments:
     subset_seed: int = field(default=0, metadata={"help": "Seed of the max_*_samples subsets."})
 
 
-class ImageClassificationTrainer(LargeBatchTrainer):
-    """``dataloader_drop_last`` keeps the training global batch constant; evaluation must see every example."""
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        drop_last = self.args.dataloader_drop_last
-        self.args.dataloader_drop_last = False
-        try:
-            return super().get_eval_dataloader(eval_dataset)
-        finally:
-            self.args.dataloader_drop_last = drop_last
-
-
 def accuracy(eval_pred) -> dict:
     predictions, labels = eval_pred.predictions, eval_pred.label_ids
     return {"accuracy": float(np.mean(predictions == labels)), "examples": int(len(labels))}
@@ -160,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_dataset = ImageClassificationDataset(train_data, splits.mean, splits.std, augmentation, channels)
     eval_dataset = ImageClassificationDataset(eval_data, splits.mean, splits.std, None, channels)
 
-    trainer = ImageClassificationTrainer(
+    trainer = LargeBatchTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         compute_metrics=accuracy, preprocess_logits_for_metrics=argmax_logits)
     if training_args.do_train and training_args.dataloader_drop_last and len(train_dataset) < (

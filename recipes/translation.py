@@ -94,8 +94,11 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training pairs."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N evaluation pairs."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Use the first N test pairs."})
-    max_source_length: int = field(default=128, metadata={"help": "Truncate source sentences to N tokens."})
-    max_target_length: int = field(default=128, metadata={"help": "Truncate target sentences to N tokens."})
+    max_source_length: int = field(default=64, metadata={
+        "help": "Truncate source sentences to N tokens (Multi30k's longest is 48 with the default tokenizer)."})
+    max_target_length: int = field(default=64, metadata={
+        "help": "Truncate target sentences to N tokens (longest: 56); generation stops at N + 1 unless "
+                "--generation_max_length is given."})
 
 
 class Split:

@@ -32,3 +32,20 @@ def test_overhead_rejects_unknown_variant(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/overhead.py", "--variants", "plain", "nope"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown variant" in proc.stderr
+
+
+def test_scaling_quick(tmp_path):
+    run(["benchmarks/scaling.py", "--task", "image", "--quick", "--methods", "linear", "legw"], tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    runs = {r["run"]: r for r in results["runs"]}
+    assert set(runs) == {"base", "2x linear", "2x legw"}
+    assert runs["base"]["global_batch"] == 64 and runs["2x legw"]["global_batch"] == 128
+    # same epoch budget: twice the batch, half the optimizer steps
+    assert runs["base"]["optimizer_steps"] == 2 * runs["2x linear"]["optimizer_steps"]
+    assert all(0 <= r["metric"] <= 1 and r["eval_curve"] and r["lr_curve"] for r in runs.values())
+    # the applied peak LR: linear doubles it, LEGW takes sqrt(2)
+    peak = {name: max(lr for _, lr in r["lr_curve"]) for name, r in runs.items()}
+    assert peak["2x linear"] == pytest.approx(2 * peak["base"]) and peak["2x legw"] <= 2 ** 0.5 * 0.05 + 1e-12
+    table = (tmp_path / "table.md").read_text()
+    assert "| 2x legw | 128 |" in table
+    assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"

@@ -125,3 +125,20 @@ def test_events_carry_local_reduced_and_loss(kind):
     assert rec.step_losses[0] == pytest.approx(sum(w * l for w, l in zip(weights, micro_losses)), rel=1e-5)
     if kind == "linear":  # inputs of scale 10 make the norm exceed max_grad_norm: the event saw it unclipped
         assert expected_sq ** 0.5 > 1.5 and rec.clipped_norms[0] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_drop_last_keeps_training_batches_constant_but_evaluation_complete():
+    seen = {}
+
+    def count(eval_pred):
+        seen["n"] = len(eval_pred.label_ids)
+        return {}
+
+    args = LargeBatchArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=16,
+                               per_device_eval_batch_size=16, max_steps=1, use_cpu=True, report_to=[],
+                               save_strategy="no", disable_tqdm=True, dataloader_drop_last=True)
+    trainer = LargeBatchTrainer(model=LinearClassifier(), args=args, train_dataset=linear_dataset(40),
+                                eval_dataset=linear_dataset(40), compute_metrics=count)
+    assert len(trainer.get_train_dataloader()) == 2  # 40 // 16: the partial batch is dropped in training
+    trainer.evaluate()
+    assert seen["n"] == 40

@@ -53,6 +53,16 @@ def load_recipe_module():
     return sys.modules[name]
 
 
+@pytest.fixture
+def one_thread():
+    """In-process training with one intra-op thread, as the subprocesses run (OMP_NUM_THREADS=1): on a busy
+    2-core machine two OpenMP threads are several times slower, not faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def read_summary(out_dir) -> dict:
     return json.loads((out_dir / "summary.json").read_text())
 
@@ -177,7 +187,7 @@ def test_fashion_mnist_splits():
     assert abs(float(x.mean())) < 0.05 and abs(float(x.std()) - 1) < 0.05
 
 
-def test_datasets_image_folder_through_the_recipe(tmp_path):
+def test_datasets_image_folder_through_the_recipe(tmp_path, one_thread):
     """Any `datasets` image dataset: a save_to_disk folder with `img` + ClassLabel `label`, end to end."""
     import datasets
     from PIL import Image
@@ -265,7 +275,7 @@ def _embedder_weight(model_or_state):
 
 
 @fashion_mnist
-def test_recipe_evaluates_a_saved_checkpoint(tmp_path):
+def test_recipe_evaluates_a_saved_checkpoint(tmp_path, one_thread):
     ckpt = tmp_path / "ckpt"
     model = _checkpoint(ckpt, num_labels=10, seed=123).eval()
     summary = load_recipe_module().main(
