@@ -104,3 +104,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def run_recipe(main, *args) -> None:
+    """Run a script's ``main`` and leave the process group on the way out, error or not (DeepSpeed ZeRO-3 can
+    abort at interpreter exit otherwise)."""
+    try:
+        main(*args)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -35,11 +35,11 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from transformers import HfArgumentParser, ResNetConfig, ResNetForImageClassification, set_seed
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
 from hf_largebatch.data.images import ImageClassificationDataset, check_available, load_image_splits
+from hf_largebatch.backends import run_recipe
 from hf_largebatch.reporting import write_summary
 
 # Small ResNets for 28-32 pixel images. HF's ResNet keeps its ImageNet stem (7x7 conv stride 2 + max-pool), so a
@@ -184,8 +184,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    run_recipe(main)

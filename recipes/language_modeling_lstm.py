@@ -41,12 +41,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, set_seed
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
 from hf_largebatch.data.text import LEVELS, Vocabulary, load_lm_corpus
 from hf_largebatch.models import LSTM_PRESETS, LSTMForCausalLM, LSTMLMConfig
+from hf_largebatch.backends import run_recipe
 from hf_largebatch.reporting import write_summary
 
 VOCAB_FILE = "vocab.json"
@@ -172,8 +172,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    run_recipe(main, sys.argv[1:])

@@ -38,11 +38,11 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch.distributed as dist
 from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, GenerationConfig,
                           HfArgumentParser, MarianConfig, MarianMTModel, set_seed)
 
-from hf_largebatch.data.translation import DEFAULT_SPLITS, load_pairs, multi30k_dir, multi30k_tokenizer
+from hf_largebatch.data.translation import load_pairs, multi30k_dir, multi30k_tokenizer
+from hf_largebatch.backends import run_recipe
 from hf_largebatch.reporting import write_summary
 from hf_largebatch.seq2seq import LargeBatchSeq2SeqArguments, LargeBatchSeq2SeqTrainer
 
@@ -281,8 +281,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    run_recipe(main, sys.argv[1:])

@@ -26,6 +26,28 @@ class DictDataset(torch.utils.data.Dataset):
         return {k: v[i] for k, v in self.columns.items()}
 
 
+class TinyLinearClassifier(torch.nn.Module):
+    """A linear layer with a cross-entropy loss: fast enough to train hundreds of steps in a test."""
+
+    def __init__(self, in_features: int = 8, num_classes: int = 4, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.linear = torch.nn.Linear(in_features, num_classes)
+
+    def forward(self, x, labels=None):
+        logits = self.linear(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def random_points(n: int = 2048, in_features: int = 8, num_classes: int = 4, seed: int = 0) -> DictDataset:
+    g = torch.Generator().manual_seed(seed)
+    return DictDataset(x=torch.randn(n, in_features, generator=g),
+                       labels=torch.randint(0, num_classes, (n,), generator=g))
+
+
 def digits_dataset(n: int | None = None) -> DictDataset:
     """scikit-learn's bundled digits (real data, no download) as 1x8x8 images in [0, 1]."""
     from sklearn.datasets import load_digits
@@ -88,6 +110,15 @@ def token_dataset(n: int, seq_len: int, vocab: int, num_labels: int | None, seed
     else:
         labels = torch.randint(0, num_labels, (n,), generator=g)
     return DictDataset(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and OpenMP spinning against other processes on a small CPU
+    box slows each step 10-100x: run such tests on one thread (use as an autouse fixture)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def launch(script: str, args: list[str], nproc: int = 2, timeout: int = 600, env: dict | None = None):

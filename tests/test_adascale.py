@@ -1,11 +1,9 @@
 """AdaScale: the gain rule, progress, the schedule on progress, stopping, S=1 identity, resume and refusals."""
 
 import math
-import tempfile
 
 import numpy as np
 import pytest
-import torch
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
 from hf_largebatch.adascale import AdaScale, adascale_gain

@@ -11,35 +11,10 @@ import transformers
 from transformers import HfArgumentParser
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, backends
-from helpers import DictDataset
+from helpers import TinyLinearClassifier, random_points, single_thread
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class TinyLinearClassifier(torch.nn.Module):
-    def __init__(self, in_features: int = 8, num_classes: int = 4, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.linear = torch.nn.Linear(in_features, num_classes)
-
-    def forward(self, x, labels=None):
-        logits = self.linear(x)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
-        return out
-
-
-def random_points(n: int = 256, in_features: int = 8, num_classes: int = 4, seed: int = 0) -> DictDataset:
-    g = torch.Generator().manual_seed(seed)
-    return DictDataset(x=torch.randn(n, in_features, generator=g),
-                       labels=torch.randint(0, num_classes, (n,), generator=g))
+one_cpu_thread = pytest.fixture(autouse=True)(single_thread)
 
 
 def make_args(tmp_path, **overrides) -> LargeBatchArguments:

@@ -15,11 +15,10 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
 from hf_largebatch.scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier
-from helpers import DictDataset
+from helpers import TinyLinearClassifier, random_points, single_thread
 
 N_EXAMPLES = 2048
 PER_DEVICE = 16
@@ -32,34 +31,7 @@ LR0 = 0.05
 USER_WARMUP = 10
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """A 8x4 linear layer gains nothing from intra-op threads, and OpenMP spinning against other processes on a
-    small CPU box slows each step 10-100x; run these tests on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class TinyLinearClassifier(torch.nn.Module):
-    def __init__(self, in_features: int = 8, num_classes: int = 4, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.linear = torch.nn.Linear(in_features, num_classes)
-
-    def forward(self, x, labels=None):
-        logits = self.linear(x)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
-        return out
-
-
-def random_points(n: int = N_EXAMPLES, in_features: int = 8, num_classes: int = 4, seed: int = 0) -> DictDataset:
-    g = torch.Generator().manual_seed(seed)
-    return DictDataset(x=torch.randn(n, in_features, generator=g),
-                       labels=torch.randint(0, num_classes, (n,), generator=g))
+one_cpu_thread = pytest.fixture(autouse=True)(single_thread)
 
 
 def train_and_record(tmp_path, scale: int, **overrides):
