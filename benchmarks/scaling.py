@@ -41,7 +41,7 @@ TASKS = {
     "lstm": {
         "recipe": "recipes/language_modeling_lstm.py",
         # Zaremba's SGD lr 1 / clip 5 on the summed-over-time loss == lr 35 / clip 5/35 on the token mean
-        "args": ["--dataset", "ptb", "--preset", "tiny", "--max_train_samples", "8000", "--max_eval_samples",
+        "args": ["--dataset", "ptb", "--preset", "tiny", "--max_train_samples", "4000", "--max_eval_samples",
                  "1000", "--optim", "sgd", "--max_grad_norm", "0.142857", "--lr_scheduler_type", "cosine"],
         "base_batch": 20, "learning_rate": 35.0, "epochs": 2, "warmup_epochs": 0.1,
         "metric": "eval_perplexity", "higher_is_better": False,
@@ -162,6 +162,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="runs are interleaved over repeats")
     p.add_argument("--out", help="output folder (default benchmarks/results/<task>)")
     p.add_argument("--quick", action="store_true", help="CI smoke test: a data subset, 1 epoch, multiples 1 and 2")
+    p.add_argument("--runs", nargs="+", help="only these run labels, e.g. base '8x legw' (default: every combination)")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse runs already finished in --out (same command): resumes an interrupted benchmark")
     opts, extra = p.parse_known_args(argv)
     task = TASKS[opts.task]
     epochs = opts.epochs or task["epochs"]
@@ -174,11 +177,18 @@ def main(argv=None) -> int:
     rows = []
     for repeat in range(opts.repeats):
         for label, multiple, method in run_configs(opts.multiples, opts.methods):
+            if opts.runs and label not in opts.runs:
+                continue
             run_dir = out / "runs" / f"{label.replace(' ', '_')}_r{repeat}"
             run_dir.mkdir(parents=True, exist_ok=True)
             cmd = recipe_command(task, multiple, method, epochs, run_dir, extra, opts.quick)
-            print(f"[{label}] {' '.join(cmd)}", flush=True)
-            wall = run_one(cmd, run_dir / "log.txt")
+            done = run_dir / "wall.json"
+            if opts.reuse and done.is_file() and (run_dir / "summary.json").is_file():
+                wall = json.loads(done.read_text())["wall_s"]  # a finished run of an interrupted benchmark
+            else:
+                print(f"[{label}] {' '.join(cmd)}", flush=True)
+                wall = run_one(cmd, run_dir / "log.txt")
+                done.write_text(json.dumps({"wall_s": wall, "command": cmd}))
             summary = json.loads((run_dir / "summary.json").read_text())
             rows.append(summarise(label, multiple, method, summary, wall, task["metric"], repeat))
             print(f"[{label}] {task['metric']}={rows[-1]['metric']:.4g} steps={rows[-1]['optimizer_steps']} "
