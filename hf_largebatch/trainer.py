@@ -206,8 +206,10 @@ class LargeBatchTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs)
         if num_items_in_batch is None:
             raise ValueError("loss_normalization='tokens' needs integer per-token `labels` in every batch")
-        outputs = model(**inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
+        # A decoder-only LM needs its labels only for its own loss, which we recompute: do not compute it twice.
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"} if self._shifts_labels else inputs
+        outputs = model(**model_inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0 if model_inputs is not inputs else 1]
         summed = loss_rules.summed_token_cross_entropy(logits, labels, self._shifts_labels)
         world = self.args.world_size
         # Sum over this micro-batch / tokens of the whole global batch; x world undoes the ranks' averaging.

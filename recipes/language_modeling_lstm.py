@@ -8,8 +8,9 @@ from a zero LSTM state (not carried across batches as in Zaremba's set-up), whic
 Zaremba's hyper-parameters on this loss: Zaremba (and TF's PTB tutorial) minimise the cross-entropy *summed* over
 the ``seq_len`` time steps and averaged over the batch, with SGD lr 1 and gradient clipping at norm 5. The loss here
 (HF convention) is the *mean* over tokens, 1/seq_len of that, so the same updates are ``--learning_rate 35
---max_grad_norm 0.142857`` (lr x seq_len, clip / seq_len, for seq_len 35); ``--learning_rate 1`` is 35x smaller. (Zaremba's code unrolls
-the small model 20 steps: ``--seq_len 20 --learning_rate 20 --max_grad_norm 0.25``; medium and large 35.)
+--max_grad_norm 0.142857`` (lr x seq_len, clip / seq_len, for seq_len 35); ``--learning_rate 1`` is 35x
+smaller. (Zaremba's code unrolls the small model 20 steps: ``--seq_len 20 --learning_rate 20 --max_grad_norm
+0.25``; medium and large 35.)
 
 Examples (data from ``$HF_LARGEBATCH_DATA``, default ``../shared/data``)::
 

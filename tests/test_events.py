@@ -65,15 +65,22 @@ for _event in HF_EVENTS[:-3] + HF_EVENTS[-2:]:
 
 
 def make_trainer(model, data, recorder, ga=2, per_device=4, steps=2):
-    inputs = []
-    model.register_forward_pre_hook(lambda m, a, kw: inputs.append({k: v.clone() for k, v in kw.items()}),
-                                    with_kwargs=True)
     args = LargeBatchArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=per_device,
                                gradient_accumulation_steps=ga, max_steps=steps, optim="sgd", learning_rate=0.1,
                                lr_scheduler_type="constant", max_grad_norm=1.0, use_cpu=True, report_to=[],
                                save_strategy="no", disable_tqdm=True, seed=0, data_seed=0,
                                dataloader_drop_last=True)
-    return LargeBatchTrainer(model=model, args=args, train_dataset=data, callbacks=[recorder]), inputs
+    trainer = LargeBatchTrainer(model=model, args=args, train_dataset=data, callbacks=[recorder])
+    inputs = []  # every training micro-batch, labels included
+    compute_loss = trainer.compute_loss
+
+    def recording_compute_loss(model, batch, *args, **kwargs):
+        if model.training:
+            inputs.append({k: v.clone() for k, v in batch.items()})
+        return compute_loss(model, batch, *args, **kwargs)
+
+    trainer.compute_loss = recording_compute_loss
+    return trainer, inputs
 
 
 def test_event_order():

@@ -293,17 +293,17 @@ def test_recipe_evaluates_a_saved_checkpoint(tmp_path, one_thread):
 
 
 @fashion_mnist
-def test_recipe_fine_tunes_a_checkpoint_with_other_labels(tmp_path):
+def test_recipe_fine_tunes_a_checkpoint_with_other_labels(tmp_path, one_thread, capsys):
     from safetensors.torch import load_file
 
     ckpt = tmp_path / "ckpt"
     saved = _embedder_weight(_checkpoint(ckpt, num_labels=4, seed=7)).clone()  # 4 labels, the data has 10
     out = tmp_path / "out"
-    proc = run_recipe(["--model_name_or_path", str(ckpt), "--use_cpu", "--disable_tqdm", "True",
-                       "--output_dir", str(out), "--max_train_samples", "256", "--max_eval_samples", "256",
-                       "--per_device_train_batch_size", "64", "--max_steps", "4", "--learning_rate", "0.05",
-                       "--logging_steps", "1"], tmp_path)
-    assert "initialised afresh" in proc.stderr
+    load_recipe_module().main(["--model_name_or_path", str(ckpt), "--use_cpu", "--disable_tqdm", "True",
+                               "--output_dir", str(out), "--max_train_samples", "256", "--max_eval_samples", "256",
+                               "--per_device_train_batch_size", "64", "--max_steps", "4", "--learning_rate", "0.05",
+                               "--logging_steps", "1", "--report_to", "none"])
+    assert "initialised afresh" in capsys.readouterr().err
     summary = read_summary(out)
     assert summary["optimizer_steps"] == 4 and summary["model"]["num_labels"] == 10
     assert summary["model"]["hidden_sizes"] == [8, 24] and summary["model"]["name_or_path"] == str(ckpt)
@@ -315,14 +315,18 @@ def test_recipe_fine_tunes_a_checkpoint_with_other_labels(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ (e) no data
-def test_recipe_missing_data_fails_before_training(tmp_path):
+def test_recipe_missing_data_fails_before_training(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = run_recipe([*TINY, "--output_dir", str(tmp_path / "out")], tmp_path, env={DATA_ENV: str(empty)},
-                      check=False)
-    assert proc.returncode != 0
-    assert str(empty / "fashion-mnist") in proc.stderr and DATA_ENV in proc.stderr
-    assert "train_runtime" not in proc.stdout and not (tmp_path / "out" / "summary.json").exists()
+    monkeypatch.setenv(DATA_ENV, str(empty))
+    recipe = load_recipe_module()
+    monkeypatch.setattr(recipe, "load_image_splits", lambda *a, **k: pytest.fail("loaded data"))
+    for dataset, folder in (("fashion_mnist", "fashion-mnist"), ("cifar10", "cifar10-jpeg")):
+        with pytest.raises(SystemExit) as err:  # SystemExit(message): exit status 1, the message on stderr
+            recipe.main([*TINY, "--dataset", dataset, "--output_dir", str(tmp_path / "out")])
+        message = str(err.value.code)
+        assert message.startswith("error: ") and str(empty / folder) in message and DATA_ENV in message
+    assert not (tmp_path / "out" / "summary.json").exists()
 
 
 def test_missing_cifar10_names_path_and_variable(tmp_path, monkeypatch):
