@@ -22,13 +22,19 @@ class LRHistory(Algorithm):
         self.learning_rates: list[float] = []
         self.losses: list[float] = []
         self._pending_loss = float("nan")
+        self._pending_lr = float("nan")
 
     def on_step_loss(self, args, state, control, *, loss, **kwargs):
         self._pending_loss = loss
 
     def on_lr_applied(self, args, state, control, *, learning_rate, **kwargs):
-        self.steps.append(state.global_step + 1)
-        self.learning_rates.append(float(learning_rate))
+        self._pending_lr = float(learning_rate)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Recorded here, when both are known: under DeepSpeed the update (and on_lr_applied) happens inside the
+        # last backward, before the step's loss is averaged.
+        self.steps.append(state.global_step)
+        self.learning_rates.append(self._pending_lr)
         self.losses.append(self._pending_loss)
 
     @property
