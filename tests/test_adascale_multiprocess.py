@@ -1,12 +1,11 @@
 """AdaScale and gradient statistics on 2 real ranks (gloo): golden gains, the same statistics as one rank with
 the same micro-batches, rank consistency, and DeepSpeed ZeRO-1/2/3 agreeing with DDP."""
 
-import json
 
 import numpy as np
 import pytest
 
-from helpers import REPO, launch, read_rank_results
+from test_multiprocess import run_workers
 
 pytestmark = pytest.mark.multiprocess
 
@@ -15,15 +14,6 @@ GOLDEN = [{"name": kind, "model": kind, "per_device": 1, "ga": 2, "steps": 1, "l
           for kind in ("orthogonal", "identical")]
 STATS = {"name": "stats", "model": "gaussian", "per_device": 4, "ga": 2, "steps": 16, "lr": 0.1,
          "callbacks": ["adascale_raw"], "args": {"lr_scaling": "adascale", "base_batch_size": 4}}
-
-
-def run_workers(tmp_path, runs, deepspeed=None):
-    spec = {"runs": runs}
-    if deepspeed:
-        spec["deepspeed"] = str(REPO / "recipes" / "configs" / deepspeed)
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    launch("tests/workers/train_worker.py", [str(tmp_path / "spec.json"), str(tmp_path)])
-    return read_rank_results(tmp_path)
 
 
 def step_logs(result, key="adascale_gain"):
