@@ -11,8 +11,9 @@ tokenizer saved beside it (any ``AutoModelForSeq2SeqLM``, e.g. a folder this rec
 
 Metric: BLEU (``sacrebleu.corpus_bleu``, default 13a tokenisation) of the detokenised generations (greedy, or beam
 search with ``--generation_num_beams``) against the raw reference sentences: ``eval_bleu`` in the Trainer's eval
-logs (every evaluation), in ``<output_dir>/summary.json`` and printed at the end. The final evaluation's generations
-are written one per line to ``<output_dir>/generations.txt`` (``test_generations.txt`` for ``--do_predict``).
+logs (every evaluation), in ``<output_dir>/summary.json`` and printed at the end. The final model's evaluation (the
+one logged at the last step, else a new one) writes its generations one per line to ``<output_dir>/generations.txt``
+(``test_generations.txt`` for ``--do_predict``).
 
     python recipes/translation.py --output_dir runs/mt --preset small --per_device_train_batch_size 64 \\
         --learning_rate 5e-4 --warmup_steps 0.1 --lr_scheduler_type linear --num_train_epochs 5
@@ -157,7 +158,8 @@ class Bleu:
         if self.write:
             with open(split.generations_path, "w", encoding="utf-8") as f:
                 f.writelines(h.replace("\n", " ") + "\n" for h in hypotheses)
-        lengths = (preds != pad).sum(axis=1)
+        # generated tokens other than specials (beam search pads finished hypotheses with </s>, greedy with <pad>)
+        lengths = np.isin(preds, self.tokenizer.all_special_ids, invert=True).sum(axis=1)
         return {"bleu": bleu.score, "bleu_brevity_penalty": bleu.bp, "gen_len": float(np.mean(lengths))}
 
 
@@ -214,6 +216,15 @@ def make_split(name, tokenizer, data_args, max_samples, path) -> Split:
     return Split(name, sources, references, encode(tokenizer, sources, references, data_args), path)
 
 
+def final_evaluation(trainer) -> dict:
+    """The evaluation of the final model: the one logged at the last step if there was one (``--eval_strategy
+    epoch`` ends with it; generating the split again would give the same result), else a new ``evaluate()``."""
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return {k: v for k, v in last.items() if k != "step"}
+    return trainer.evaluate()
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((ModelArguments, DataArguments, LargeBatchSeq2SeqArguments))
     parser.set_defaults(**RECIPE_DEFAULTS)
@@ -248,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_model()
 
     metrics = dict(train_result.metrics)
-    metrics.update(trainer.evaluate())
+    metrics.update(final_evaluation(trainer))
     if args.do_predict:
         test = make_split(data_args.test_split, tokenizer, data_args, data_args.max_predict_samples,
                           os.path.join(out, "test_generations.txt"))
