@@ -122,8 +122,11 @@ class LargeBatchTrainer(Trainer):
         for group in optimizer.param_groups:
             base_lr = group.setdefault("unscaled_lr", group["lr"])
             group["lr"] = group["initial_lr"] = base_lr * multiplier
+        schedule = str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type))
+        if schedule == "constant" and warmup > 0:  # HF's "constant" ignores the warm-up silently
+            schedule = "constant_with_warmup"
         self.lr_scheduler = get_scheduler(
-            self.args.lr_scheduler_type,
+            schedule,
             optimizer=optimizer,
             num_warmup_steps=warmup,
             num_training_steps=num_training_steps,

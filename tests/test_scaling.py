@@ -224,3 +224,12 @@ def test_legw_warmup_steps_is_the_base_runs_step_count():
 def test_legw_warmup_steps_refuses_negative_warmup():
     with pytest.raises(ValueError, match="legw_base_warmup_epochs must be >= 0"):
         legw_warmup_steps(2.0, -0.5, 10)
+
+
+def test_constant_schedule_keeps_the_warmup(tmp_path):
+    """HF's 'constant' schedule drops num_warmup_steps; a LEGW warm-up must not vanish with it."""
+    _, history = train_and_record(tmp_path, 8, lr_scaling="legw", legw_base_warmup_epochs=1 / 32,
+                                  lr_scheduler_type="constant")
+    peak = math.sqrt(8) * LR0
+    expected = [peak * t / 8 if t < 8 else peak for t in range(TOTAL_STEPS)]
+    np.testing.assert_allclose(history.learning_rates, expected, rtol=1e-12)
