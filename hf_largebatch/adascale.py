@@ -66,6 +66,9 @@ class AdaScale(GradientStatistics):
         super().on_train_begin(args, state, control, **kwargs)
         self._optimizer = optimizer
         self.adam = is_adam_family(optimizer)
+        # (beta2, eps) by parameter, looked up per gradient hook
+        self._adam_hparams = ({p: (g["betas"][1], g["eps"]) for g in optimizer.param_groups for p in g["params"]}
+                              if self.adam else {})
         micro = len(train_dataloader)
         ga = args.gradient_accumulation_steps
         self._base_steps_per_epoch = max(micro // ga + int(micro % ga > 0), 1) * self.scale
@@ -80,8 +83,7 @@ class AdaScale(GradientStatistics):
         step = float(st["step"])
         if step < self.warm_adam_steps:
             return None
-        group = next(g for g in self._optimizer.param_groups if any(p is param for p in g["params"]))
-        beta2, eps = group["betas"][1], group["eps"]
+        beta2, eps = self._adam_hparams[param]
         return st["exp_avg_sq"].div(1 - beta2 ** step).sqrt_().add_(eps)
 
     def on_local_gradient(self, args, state, control, *, param, grad, weight, **kwargs):

@@ -39,6 +39,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+#: the events LargeBatchTrainer fires (and ``lr_factor``, which it queries), beyond HF's callback events
+EVENTS = ("on_local_gradient", "on_micro_batch_end", "on_reduced_gradients", "on_step_loss", "on_lr_applied",
+          "lr_factor")
+
+
 class Algorithm(TrainerCallback):
     """Base class: override the events you need; keep the maths in a plain function next to it."""
 

@@ -24,7 +24,7 @@ from transformers.optimization import get_scheduler
 from . import backends
 from . import loss as loss_rules
 from .adascale import AdaScale
-from .algorithm import Algorithm
+from .algorithm import EVENTS, Algorithm
 from .scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier
 
 ALGORITHM_STATE_FILE = "hf_largebatch_algorithms_rank{rank}.pt"
@@ -61,6 +61,7 @@ class LargeBatchTrainer(Trainer):
         self._unscaled_group_lrs: list | None = None
         if self._option("lr_scaling") == "adascale" and self._adascale() is None:
             self.add_callback(AdaScale())
+        self._index_listeners()
 
     # ------------------------------------------------------------------ options and algorithms
     def _option(self, name):
@@ -70,13 +71,16 @@ class LargeBatchTrainer(Trainer):
     def algorithms(self) -> list[Algorithm]:
         return [cb for cb in self.callback_handler.callbacks if isinstance(cb, Algorithm)]
 
+    def _index_listeners(self) -> None:
+        """Which algorithms override which extra event, looked up once per ``train()``, not per gradient hook."""
+        self._listeners = {event: [alg for alg in self.algorithms if alg.overrides(event)] for event in EVENTS}
+
     def _fire(self, event: str, **kwargs) -> None:
-        for alg in self.algorithms:
-            if alg.overrides(event):
-                getattr(alg, event)(self.args, self.state, self.control, **kwargs)
+        for alg in self._listeners[event]:
+            getattr(alg, event)(self.args, self.state, self.control, **kwargs)
 
     def _wanted(self, event: str) -> bool:
-        return any(alg.overrides(event) for alg in self.algorithms)
+        return bool(self._listeners[event])
 
     def _adascale(self) -> AdaScale | None:
         return next((alg for alg in self.algorithms if isinstance(alg, AdaScale)), None)
@@ -148,9 +152,8 @@ class LargeBatchTrainer(Trainer):
         if not self._reduced_fired and self._wanted("on_reduced_gradients"):
             self._fire_reduced_gradients(self.model)
         factor = 1.0
-        for alg in self.algorithms:
-            if alg.overrides("lr_factor"):
-                factor *= alg.lr_factor()
+        for alg in self._listeners["lr_factor"]:
+            factor *= alg.lr_factor()
         if factor != 1.0:
             self._unscaled_group_lrs = [group["lr"] for group in optimizer.param_groups]
             for group in optimizer.param_groups:
@@ -205,7 +208,7 @@ class LargeBatchTrainer(Trainer):
         if self._loss_mode(labels) == "mean":
             # A per-micro-batch mean: the Trainer divides it by the micro-batches of this step; DDP averages ranks.
             self.loss_is_scaled_for_ga = False
-            self._micro_weight = 1.0 / self.current_gradient_accumulation_steps
+            self._micro_weight = 1.0 / self.current_gradient_accumulation_steps * self._hook_loss_scale()
             return super().compute_loss(model, inputs, return_outputs)
         if num_items_in_batch is None:
             raise ValueError("loss_normalization='tokens' needs integer per-token `labels` in every batch")
@@ -220,7 +223,7 @@ class LargeBatchTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         if self._wanted("on_local_gradient"):
             tokens = loss_rules.count_label_tokens(labels, self._shifts_labels)
-            self._micro_weight = float(world * tokens / num_items_in_batch)
+            self._micro_weight = float(world * tokens / num_items_in_batch) * self._hook_loss_scale()
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ per-micro-batch and per-step events
@@ -260,6 +263,11 @@ class LargeBatchTrainer(Trainer):
         self._fire("on_reduced_gradients", model=self.model, grad_sq_norm=sq,
                    num_micro_batches=self.current_gradient_accumulation_steps, loss_scale=loss_scale)
 
+    def _hook_loss_scale(self) -> float:
+        """The loss scale the hook gradients of this micro-batch carry, read once per micro-batch (a host sync on
+        GPU) and only when some algorithm listens to local gradients."""
+        return self._loss_scale() if self._wanted("on_local_gradient") else 1.0
+
     def _loss_scale(self) -> float:
         """The fp16 GradScaler's current scale (1 without one): hook and ``.grad`` values carry it."""
         scaler = getattr(self.accelerator, "scaler", None)
@@ -267,6 +275,7 @@ class LargeBatchTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         self._micro_step = 0
+        self._index_listeners()  # callbacks may have been added since __init__
         if self._adascale() is not None and self._option("lr_scaling") != "adascale":
             raise ValueError("an AdaScale callback needs lr_scaling='adascale' (it owns the LR gain and progress); "
                              f"got lr_scaling={self._option('lr_scaling')!r}")
@@ -287,8 +296,7 @@ class LargeBatchTrainer(Trainer):
             self._grad_hook_handles = []
 
     def _on_local_grad(self, name, param, grad):
-        weight = self._micro_weight * self._loss_scale()
-        self._fire("on_local_gradient", name=name, param=param, grad=grad, weight=weight)
+        self._fire("on_local_gradient", name=name, param=param, grad=grad, weight=self._micro_weight)
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
