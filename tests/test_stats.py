@@ -60,11 +60,12 @@ def test_bias_corrected_ema():
     assert smoothing_for_scale(1) == pytest.approx(0.999) and smoothing_for_scale(2000) == 0.0
 
 
-@pytest.mark.parametrize("per_device,ga", [(8, 4), (4, 8)])
-def test_monitor_recovers_known_statistics_through_the_trainer(per_device, ga):
-    """lr = 0 keeps w = 0, so every step samples the same distribution; the smoothed estimates converge."""
+@pytest.mark.parametrize("per_device,ga,bf16", [(8, 4, False), (4, 8, False), (8, 4, True)])
+def test_monitor_recovers_known_statistics_through_the_trainer(per_device, ga, bf16):
+    """lr = 0 keeps w = 0, so every step samples the same distribution; the smoothed estimates converge (also under
+    bf16 autocast)."""
     stats = NoiseScaleMonitor(theta=0.99)
-    args = LargeBatchArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=per_device,
+    args = LargeBatchArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=per_device, bf16=bf16,
                                gradient_accumulation_steps=ga, max_steps=300, learning_rate=0.0, optim="sgd",
                                base_batch_size=8, use_cpu=True, report_to=[], save_strategy="no", logging_steps=50,
                                disable_tqdm=True, seed=0, max_grad_norm=1e-3)  # clipping must not matter
