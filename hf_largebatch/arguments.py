@@ -62,6 +62,8 @@ class LargeBatchArguments(TrainingArguments):
         backends.check_launch()
         ds_config = backends.load_deepspeed_config(self.deepspeed)
         backends.check_deepspeed_config(ds_config)
+        backends.check_algorithms_on_deepspeed(self.lr_scaling, str(getattr(self.optim, "value", self.optim)),
+                                               ds_config)
         if ds_config is not None:
             self.accelerator_config = backends.prepare_cpu_deepspeed(self.accelerator_config)
         super().__post_init__()

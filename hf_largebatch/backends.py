@@ -72,6 +72,19 @@ def check_deepspeed_config(config: dict[str, Any] | None) -> None:
             )
 
 
+def check_algorithms_on_deepspeed(lr_scaling: str, optim: str, config: dict[str, Any] | None) -> None:
+    """Refuse combinations whose maths needs each parameter's own optimizer state, which a DeepSpeed ZeRO client
+    optimizer holds only as flattened shards (they would run, silently computing something else)."""
+    if not config:
+        return
+    if lr_scaling == "adascale" and ("adam" in optim or "lamb" in optim):
+        raise ValueError(
+            f"lr_scaling='adascale' with optim={optim!r} (AdamScale) is not supported under DeepSpeed: its gradient "
+            "statistics are taken on Adam-preconditioned gradients g/sqrt(v), and ZeRO keeps v as flattened shards, "
+            "so the statistics would silently be those of raw gradients. Use DDP (accelerate launch / torchrun) for "
+            "AdamScale, or optim='sgd' for AdaScale under DeepSpeed.")
+
+
 def zero_stage(config: dict[str, Any] | None) -> int:
     if not config:
         return 0

@@ -67,8 +67,10 @@ def count_label_tokens(labels: torch.Tensor, shift: bool) -> torch.Tensor:
     return labels.ne(IGNORE_INDEX).sum()
 
 
-def summed_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> torch.Tensor:
-    """Sum (not mean) of the token cross-entropies, fp32, ignoring ``-100`` labels."""
+def summed_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: bool,
+                               label_smoothing: float = 0.0) -> torch.Tensor:
+    """Sum (not mean) of the token cross-entropies, fp32, ignoring ``-100`` labels. ``label_smoothing`` eps gives
+    ``(1 - eps) nll + eps mean_k(-log p_k)`` per token, the same objective as HF's ``LabelSmoother``."""
     if shift:
         logits = logits[..., :-1, :]
         labels = labels[..., 1:]
@@ -77,4 +79,5 @@ def summed_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift
         labels.reshape(-1).to(logits.device),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
+        label_smoothing=label_smoothing,
     )

@@ -20,11 +20,11 @@ multi-process evaluation the samples that Accelerate repeats to even out the las
 (e.g. 50 eval sentences on 2 ranks x 16 give 64 predictions). With one returned sequence per input we gather with
 ``gather_for_metrics``, which drops them.
 
-Two things to know. Predictions reach ``compute_metrics`` in evaluation order, which is not the dataset's when
+Predictions reach ``compute_metrics`` in evaluation order, which is not the dataset's when
 ``train_sampling_strategy="group_by_length"`` (transformers then also groups evaluation batches by length, in
 shuffled order): pair generations with references through the labels that come with them, as
-``recipes/translation.py`` does. And ``label_smoothing_factor`` is refused: ``LargeBatchTrainer``'s token loss
-does not apply it, so it would smooth the evaluation loss only.
+``recipes/translation.py`` does. ``label_smoothing_factor`` applies to the training loss as in ``Trainer``
+(the token loss uses the same smoothed objective as HF's ``LabelSmoother``).
 """
 
 from __future__ import annotations
@@ -47,16 +47,6 @@ class LargeBatchSeq2SeqArguments(LargeBatchArguments, Seq2SeqTrainingArguments):
 
 class LargeBatchSeq2SeqTrainer(LargeBatchTrainer, Seq2SeqTrainer):
     """``LargeBatchTrainer`` with ``Seq2SeqTrainer``'s generation-based evaluation and prediction."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.label_smoother is not None and self.compute_loss_func is None \
-                and self._option("loss_normalization") != "mean":
-            # LargeBatchTrainer's token loss is plain cross-entropy: label smoothing would apply to the evaluation
-            # loss only, silently. Refuse rather than train on a different objective than the one asked for.
-            raise ValueError(
-                f"label_smoothing_factor={self.args.label_smoothing_factor} is not applied by hf_largebatch's "
-                "token-level training loss (loss_normalization='tokens'/'auto'); set label_smoothing_factor=0")
 
     def _returns_one_sequence_per_input(self) -> bool:
         gen_kwargs = getattr(self, "_gen_kwargs", None) or {}

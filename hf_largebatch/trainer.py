@@ -216,7 +216,8 @@ class LargeBatchTrainer(Trainer):
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"} if self._shifts_labels else inputs
         outputs = model(**model_inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0 if model_inputs is not inputs else 1]
-        summed = loss_rules.summed_token_cross_entropy(logits, labels, self._shifts_labels)
+        summed = loss_rules.summed_token_cross_entropy(logits, labels, self._shifts_labels,
+                                                       self.args.label_smoothing_factor)
         world = self.args.world_size
         # Sum over this micro-batch / tokens of the whole global batch; x world undoes the ranks' averaging.
         loss = summed * world / num_items_in_batch

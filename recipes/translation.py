@@ -28,8 +28,7 @@ Defaults this recipe changes from ``Seq2SeqTrainingArguments`` (all overridable)
 ``learning_rate`` 5e-4, ``adam_beta2`` 0.98, ``dataloader_drop_last`` True (every step sees the same global batch,
 which LR scaling assumes; evaluation never drops), ``per_device_eval_batch_size`` 128, ``save_strategy`` no (the
 final model and tokenizer are still saved), ``logging_steps`` 50; ``generation_max_length`` defaults to
-``--max_target_length`` + 1 (the decoder start token counts). ``label_smoothing_factor`` must stay 0: the
-large-batch token loss does not apply it.
+``--max_target_length`` + 1 (the decoder start token counts).
 """
 
 from __future__ import annotations

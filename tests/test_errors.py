@@ -145,6 +145,28 @@ def test_deepspeed_json_with_lr_block_is_refused_before_any_deepspeed_work(tmp_p
         LargeBatchArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], deepspeed=str(path))
 
 
+class SetUpReached(Exception):
+    """Raised in place of DeepSpeed's set-up: the argument checks before it all passed."""
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"])
+def test_adamscale_under_deepspeed_is_refused(tmp_path, monkeypatch, optim):
+    """AdamScale's preconditioned statistics need per-parameter Adam state, which ZeRO shards: refused before any
+    DeepSpeed work; AdaScale with a non-Adam optimizer passes (its DeepSpeed statistics are tested against DDP)."""
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps(ZERO2))
+
+    def reached(*args, **kwargs):
+        raise SetUpReached
+
+    monkeypatch.setattr(backends, "prepare_cpu_deepspeed", reached)
+    expected = (pytest.raises(ValueError, match=r"\(AdamScale\) is not supported under DeepSpeed.*Use DDP")
+                if "adam" in optim else pytest.raises(SetUpReached))
+    with expected:
+        LargeBatchArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], deepspeed=str(path),
+                            lr_scaling="adascale", base_batch_size=8, optim=optim)
+
+
 def test_missing_deepspeed_json(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"DeepSpeed config .*does not exist"):
         LargeBatchArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],

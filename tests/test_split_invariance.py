@@ -60,3 +60,27 @@ def test_per_micro_batch_mean_is_not_token_invariant():
     one = reference_params("gpt2", 16, 1, loss_normalization="mean")
     two = reference_params("gpt2", 8, 2, loss_normalization="mean")
     assert np.abs(two - one).max() > 1e-4
+
+
+def test_label_smoothing_is_hf_label_smoother_objective():
+    """The token loss applies label_smoothing_factor with the same objective as HF's LabelSmoother (token mean of
+    (1 - eps) nll + eps mean_k(-log p_k)), so smoothing trains as in Trainer."""
+    import torch
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    data = token_dataset(16, 12, 64, None)
+    batch = dict(data.columns)
+    model = tiny_gpt2_lm().train()
+    with torch.no_grad():  # peaked predictions: at init they are near uniform, where smoothing changes little
+        model.transformer.wte.weight.mul_(30)
+    count = batch["labels"][:, 1:].ne(-100).sum()
+    losses = {}
+    for eps in (0.0, 0.1):
+        trainer = LargeBatchTrainer(model=model, args=train_args(LargeBatchArguments, 16, 1, label_smoothing_factor=eps),
+                                    train_dataset=data)
+        losses[eps] = trainer.compute_loss(model, batch, num_items_in_batch=count)
+    with torch.no_grad():
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    expected = LabelSmoother(epsilon=0.1)(outputs, batch["labels"], shift_labels=True)
+    assert losses[0.1].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(losses[0.1].item() - losses[0.0].item()) > 1e-3  # smoothing changed the objective
