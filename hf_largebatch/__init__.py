@@ -8,14 +8,16 @@ Public API::
     LRHistory              callback recording the applied LR, loss and examples seen per step (for plots)
     AdaScale               the AdaScale / AdamScale algorithm (added for lr_scaling="adascale")
     NoiseScaleMonitor      gradient-noise-scale telemetry for any run (no LR change)
+    AutoWU, AutoWUConfig   automated warm-up and decay (added for lr_schedule="autowu")
 """
 
 from .adascale import AdaScale
 from .algorithm import Algorithm
+from .autowu import AutoWU, AutoWUConfig
 from .arguments import LargeBatchArguments
 from .reporting import LRHistory
 from .stats import NoiseScaleMonitor
 from .trainer import LargeBatchTrainer
 
-__all__ = ["AdaScale", "Algorithm", "LargeBatchArguments", "LargeBatchTrainer", "LRHistory", "NoiseScaleMonitor"]
+__all__ = ["AdaScale", "Algorithm", "AutoWU", "AutoWUConfig", "LargeBatchArguments", "LargeBatchTrainer", "LRHistory", "NoiseScaleMonitor"]
 __version__ = "0.1.0"

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
+from transformers.training_args import OptimizerNames
 
 from . import backends
+from .autowu import AutoWUConfig
 from .loss import LOSS_NORMALIZATIONS
+from .optimizers import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
 from .scaling import SCALING_RULES, check_rule
+
+
+LR_SCHEDULES = ("hf", "autowu")
+_HF_DEFAULT_OPTIM = next(f.default for f in fields(TrainingArguments) if f.name == "optim")
 
 
 @dataclass
@@ -19,6 +26,12 @@ class LargeBatchArguments(TrainingArguments):
     carry them to the real global batch ``per_device_train_batch_size x gradient_accumulation_steps x world_size``.
     """
 
+    optim: str = field(
+        default=_HF_DEFAULT_OPTIM,
+        metadata={"help": "The optimizer: any of transformers' OptimizerNames, or lars | lamb | adamp (optimizers.py; "
+                          "their options through optim_args, e.g. 'trust_coefficient=0.001,momentum=0.9').",
+                  "choices": [o.value for o in OptimizerNames] + list(LARGE_BATCH_OPTIMIZERS)},
+    )
     lr_scaling: str = field(
         default="none",
         metadata={"help": f"How the LR follows the batch size: {' | '.join(SCALING_RULES)}.",
@@ -41,9 +54,22 @@ class LargeBatchArguments(TrainingArguments):
                           "when labels are integer sequences, else mean).",
                   "choices": list(LOSS_NORMALIZATIONS)},
     )
+    lr_schedule: str = field(
+        default="hf",
+        metadata={"help": "'hf': lr_scheduler_type with warm-up (and lr_scaling); 'autowu': AutoWU's automatic "
+                          "exponential warm-up, switch at the GP-smoothed loss minimum, then decay (learning_rate "
+                          "is then AutoWU's max_lr, the top of the warm-up range).",
+                  "choices": list(LR_SCHEDULES)},
+    )
+    autowu_args: str | None = field(
+        default=None,
+        metadata={"help": "AutoWU parameters as 'key=value,key=value' (e.g. 'min_lr=1e-5,patience=3,vote_every=20,"
+                          "decay=const-cos'); keys: " + ", ".join(AutoWUConfig.__dataclass_fields__)},
+    )
 
     def __post_init__(self):
         check_rule(self.lr_scaling)
+        self.check_lr_schedule()
         if self.loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(f"unknown loss_normalization={self.loss_normalization!r}; choose one of "
                              f"{', '.join(LOSS_NORMALIZATIONS)}")
@@ -66,5 +92,35 @@ class LargeBatchArguments(TrainingArguments):
                                                ds_config)
         if ds_config is not None:
             self.accelerator_config = backends.prepare_cpu_deepspeed(self.accelerator_config)
+        # TrainingArguments accepts only its own optimizer names: validate ours here and hand it a stand-in
+        optim = str(getattr(self.optim, "value", self.optim))
+        if optim in LARGE_BATCH_OPTIMIZERS:
+            self.optim = "sgd"
         super().__post_init__()
+        if optim in LARGE_BATCH_OPTIMIZERS:
+            self.optim = optim
+            optimizer_cls_and_kwargs(optim, self.learning_rate, self.weight_decay, self.adam_beta1, self.adam_beta2,
+                                     self.adam_epsilon, self.optim_args)  # a bad optim_args fails here, not later
         backends.check_world_size(self.world_size)
+
+    def check_lr_schedule(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule={self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        if self.lr_schedule != "autowu":
+            if self.autowu_args:
+                raise ValueError("autowu_args is set but lr_schedule is not 'autowu'")
+            return
+        config = self.autowu_config()  # parse now: a bad key fails before any work
+        if self.learning_rate <= config.min_lr:
+            raise ValueError(f"AutoWU warms up from min_lr={config.min_lr} to learning_rate={self.learning_rate}: "
+                             "the learning rate (AutoWU's max_lr; the spec's default is 1.0) must be larger than "
+                             "min_lr")
+        if self.lr_scaling != "none":
+            raise ValueError(f"lr_schedule='autowu' finds the learning rate itself; it cannot be combined with "
+                             f"lr_scaling={self.lr_scaling!r}. Use lr_scaling='none' and set learning_rate to the "
+                             "top of AutoWU's warm-up range (max_lr)")
+        if self.warmup_steps or getattr(self, "warmup_ratio", 0):
+            raise ValueError("lr_schedule='autowu' owns the warm-up: leave warmup_steps (and warmup_ratio) at 0")
+
+    def autowu_config(self) -> AutoWUConfig:
+        return AutoWUConfig.from_string(self.autowu_args)

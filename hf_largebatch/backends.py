@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .optimizers import LARGE_BATCH_OPTIMIZERS
+
 
 def check_launch(environ: dict | None = None) -> None:
     """Refuse launches that would silently run one process where several were asked for."""
@@ -77,6 +79,11 @@ def check_algorithms_on_deepspeed(lr_scaling: str, optim: str, config: dict[str,
     optimizer holds only as flattened shards (they would run, silently computing something else)."""
     if not config:
         return
+    if optim in LARGE_BATCH_OPTIMIZERS:
+        raise ValueError(
+            f"optim={optim!r} is not supported under DeepSpeed: ZeRO hands a client optimizer flattened shards of "
+            "parameters, so its per-layer trust ratios (and the exclusion of biases and norm weights) would be "
+            "computed on the wrong tensors, silently. Use DDP (accelerate launch / torchrun) for LARS, LAMB and AdamP.")
     if lr_scaling == "adascale" and ("adam" in optim or "lamb" in optim):
         raise ValueError(
             f"lr_scaling='adascale' with optim={optim!r} (AdamScale) is not supported under DeepSpeed: its gradient "
@@ -117,6 +124,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def broadcast_floats(values: list[float], src: int = 0) -> list[float]:
+    """Rank ``src``'s values on every rank (a decision taken on one rank); identity in a single process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=src)
+    return tensor.tolist()
 
 
 def run_recipe(main, *args) -> None:

@@ -25,12 +25,14 @@ from . import backends
 from . import loss as loss_rules
 from .adascale import AdaScale
 from .algorithm import EVENTS, Algorithm
+from .autowu import AutoWU
+from .optimizers import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
 from .scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier
 
 ALGORITHM_STATE_FILE = "hf_largebatch_algorithms_rank{rank}.pt"
 
 _DEFAULTS = {"lr_scaling": "none", "base_batch_size": None, "legw_base_warmup_epochs": 0.0,
-             "loss_normalization": "auto"}
+             "loss_normalization": "auto", "lr_schedule": "hf", "autowu_args": None}
 
 
 class LargeBatchTrainer(Trainer):
@@ -61,6 +63,8 @@ class LargeBatchTrainer(Trainer):
         self._unscaled_group_lrs: list | None = None
         if self._option("lr_scaling") == "adascale" and self._adascale() is None:
             self.add_callback(AdaScale())
+        if self._option("lr_schedule") == "autowu" and self._autowu() is None:
+            self.add_callback(AutoWU(self.args.autowu_config()))
         self._index_listeners()
 
     # ------------------------------------------------------------------ options and algorithms
@@ -85,6 +89,9 @@ class LargeBatchTrainer(Trainer):
     def _adascale(self) -> AdaScale | None:
         return next((alg for alg in self.algorithms if isinstance(alg, AdaScale)), None)
 
+    def _autowu(self) -> AutoWU | None:
+        return next((alg for alg in self.algorithms if isinstance(alg, AutoWU)), None)
+
     # ------------------------------------------------------------------ optimizer and LR ownership
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -96,6 +103,15 @@ class LargeBatchTrainer(Trainer):
             inner.register_step_post_hook(self._after_optimizer_step)
             inner._hf_largebatch_hooked = True
         return optimizer
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        """HF's optimizers, plus ``optim`` = ``lars`` | ``lamb`` | ``adamp`` (``optimizers.py``)."""
+        name = str(getattr(args.optim, "value", args.optim))
+        if name in LARGE_BATCH_OPTIMIZERS:
+            return optimizer_cls_and_kwargs(name, args.learning_rate, args.weight_decay, args.adam_beta1,
+                                            args.adam_beta2, args.adam_epsilon, args.optim_args)
+        return Trainer.get_optimizer_cls_and_kwargs(args, model)
 
     def lr_plan(self, num_training_steps: int) -> tuple[float, int]:
         """(peak-LR multiplier, warm-up steps) of the configured scaling rule at this run's scale."""
@@ -126,6 +142,12 @@ class LargeBatchTrainer(Trainer):
         for group in optimizer.param_groups:
             base_lr = group.setdefault("unscaled_lr", group["lr"])
             group["lr"] = group["initial_lr"] = base_lr * multiplier
+        autowu = self._autowu()
+        if autowu is not None:  # AutoWU decides the LR as it goes; the groups' base LR is its max_lr
+            autowu.build(self.args.learning_rate, num_training_steps, self._update_steps_per_epoch())
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, autowu.multiplier)
+            self._created_lr_scheduler = True
+            return self.lr_scheduler
         schedule = str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type))
         if schedule == "constant" and warmup > 0:  # HF's "constant" ignores the warm-up silently
             schedule = "constant_with_warmup"
@@ -280,6 +302,9 @@ class LargeBatchTrainer(Trainer):
         if self._adascale() is not None and self._option("lr_scaling") != "adascale":
             raise ValueError("an AdaScale callback needs lr_scaling='adascale' (it owns the LR gain and progress); "
                              f"got lr_scaling={self._option('lr_scaling')!r}")
+        if self._autowu() is not None and self._option("lr_schedule") != "autowu":
+            raise ValueError("an AutoWU callback needs lr_schedule='autowu' (it owns the LR schedule); got "
+                             f"lr_schedule={self._option('lr_schedule')!r}")
         if self._option("lr_scaling") == "adascale":
             # The budget is the base run's: T_base optimizer steps at B0 (an upper bound, since the gain r >= 1).
             if self.args.max_steps <= 0:

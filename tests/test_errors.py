@@ -167,6 +167,17 @@ def test_adamscale_under_deepspeed_is_refused(tmp_path, monkeypatch, optim):
                             lr_scaling="adascale", base_batch_size=8, optim=optim)
 
 
+@pytest.mark.parametrize("optim", ["lars", "lamb", "adamp"])
+def test_trust_ratio_optimizers_under_deepspeed_are_refused(tmp_path, monkeypatch, optim):
+    """ZeRO hands a client optimizer flattened shards: per-layer trust ratios would be wrong, so refused up front."""
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps(ZERO2))
+    monkeypatch.setattr(backends, "prepare_cpu_deepspeed", SetUpReached)
+    with pytest.raises(ValueError, match=rf"optim='{optim}' is not supported under DeepSpeed.*per-layer trust"):
+        LargeBatchArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], deepspeed=str(path),
+                            optim=optim)
+
+
 def test_missing_deepspeed_json(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"DeepSpeed config .*does not exist"):
         LargeBatchArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],
