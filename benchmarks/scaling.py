@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("linear", "sqrt", "legw", "adascale")
+METHODS = ("linear", "sqrt", "legw", "adascale", "autowu_lamb", "autowu_lars")
 
 # Per task: the recipe, its fixed arguments, the base batch, LR and epochs tuned for the base run, the metric.
 TASKS = {
@@ -38,6 +38,11 @@ TASKS = {
         "base_batch": 64, "learning_rate": 0.05, "epochs": 4, "warmup_epochs": 0.25,
         "metric": "eval_accuracy", "higher_is_better": True,
         "quick": ["--max_train_samples", "512", "--max_eval_samples", "256"],
+        # AutoWU searches [min_lr, learning_rate]: the top of each optimizer's range, and a vote every 5 steps
+        # (a 32x run of the full 60k training set has 29 optimizer steps per epoch)
+        "autowu": {"lamb": ["--learning_rate", "1.0", "--optim_args", ""],
+                   "lars": ["--learning_rate", "20.0", "--optim_args", "momentum=0.9"],
+                   "autowu_args": "vote_every=5"},
     },
     "lstm": {
         "recipe": "recipes/language_modeling_lstm.py",
@@ -80,6 +85,12 @@ def recipe_command(task: dict, multiple: int, method: str, epochs: float, out_di
            "--seed", "0", "--disable_tqdm", "true"] + (["--use_cpu"] if device == "cpu" else [])
     if method == "legw":
         cmd += ["--lr_scaling", "legw", "--legw_base_warmup_epochs", str(w0)]
+    elif method.startswith("autowu_"):  # AutoWU finds its own LR: no scaling rule, no warm-up setting
+        optimizer = method.removeprefix("autowu_")
+        if "autowu" not in task:
+            raise ValueError(f"task has no AutoWU settings for method {method!r}")
+        cmd += ["--lr_scaling", "none", "--lr_schedule", "autowu", "--autowu_args", task["autowu"]["autowu_args"],
+                "--optim", optimizer, *task["autowu"][optimizer]]
     else:  # base, linear, sqrt, adascale: the base run's warm-up, in epochs, as a fraction of the run (of the
         # base run's budget for adascale, whose schedule runs on progress)
         cmd += ["--lr_scaling", "none" if method == "base" else method, "--warmup_steps", str(min(w0 / epochs, 0.5))]
@@ -109,6 +120,15 @@ def summarise(label, multiple, method, summary: dict, wall: float, metric: str, 
         "examples_seen": summary["examples_seen"], "wall_s": wall,
         "eval_curve": [(h["step"], h[metric]) for h in evals],
         "lr_curve": [(h["step"], h["learning_rate"]) for h in summary["log_history"] if "learning_rate" in h],
+        "loss_curve": [(h["step"], h["loss"]) for h in summary["log_history"] if "loss" in h],
+        # AutoWU's record, per logging step: (step, phase, votes so far, last vote's probability), and its cost
+        "autowu_curve": [(h["step"], h["autowu_phase"], h["autowu_votes"], h.get("autowu_vote_probability", 0.0))
+                         for h in summary["log_history"] if "autowu_phase" in h],
+        "autowu_switch_step": next((h["autowu_switch_step"] for h in reversed(summary["log_history"])
+                                    if "autowu_switch_step" in h), None),
+        "autowu_gp_seconds": next((h["autowu_gp_seconds"] for h in reversed(summary["log_history"])
+                                   if "autowu_gp_seconds" in h), None),
+        "train_runtime": next((h["train_runtime"] for h in summary["log_history"] if "train_runtime" in h), None),
         # AdaScale's own record, per logging step: (progress, gain, applied LR)
         "adascale_curve": [(h["progress"], h["adascale_gain"], h["learning_rate"]) for h in summary["log_history"]
                            if "adascale_gain" in h],
@@ -125,6 +145,13 @@ def to_markdown(rows: list[dict], task: dict, machine: str) -> str:
         speedup = f"{base_steps / r['optimizer_steps']:.1f}x" if base_steps else "-"
         lines.append(f"| {r['run']} | {r['global_batch']} | {r['metric']:.4g} | {r['optimizer_steps']} | {speedup} | "
                      f"{r['examples_seen']} | {r['wall_s']:.0f} |")
+    for r in rows:
+        if r.get("autowu_curve"):
+            share = r["autowu_gp_seconds"] / r["train_runtime"] if r.get("train_runtime") else float("nan")
+            lr_at_switch = next((lr for step, lr in r["lr_curve"] if step == (r["autowu_switch_step"] or 0) + 1), None)
+            lines.append(f"\nAutoWU {r['run']}: switch at step {r['autowu_switch_step']} of {r['optimizer_steps']} "
+                         f"(LR {lr_at_switch:.4g}); GP time {r['autowu_gp_seconds']:.2f} s = {100 * share:.2f}% of "
+                         f"training ({r['train_runtime']:.0f} s).")
     return "\n".join(lines)
 
 
@@ -175,7 +202,48 @@ def plot(rows: list[dict], task: dict, out: Path, title: str) -> list[Path]:
         paths.append(out / "adascale.png")
         fig.savefig(paths[1], dpi=110)
         plt.close(fig)
+    autowu = [r for r in rows if r.get("autowu_curve")]
+    if autowu:
+        paths.append(plot_autowu(autowu, out / "autowu.png", title))
     return paths
+
+
+def plot_autowu(rows: list[dict], path: Path, title: str) -> Path:
+    """Per AutoWU run: applied LR and training loss (raw and EMA-smoothed) vs steps, each vote marked (filled: yes
+    at the 0.95 level, hollow: no) and the switch step as a vertical line."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(6.5 * len(rows), 4.2), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        steps, losses = zip(*r["loss_curve"])
+        smooth, ema = [], None
+        for value in losses:
+            ema = value if ema is None else 0.8 * ema + 0.2 * value
+            smooth.append(ema)
+        ax.plot(steps, losses, color="0.75", lw=0.8, label="loss")
+        ax.plot(steps, smooth, color="C0", label="loss (EMA 0.8)")
+        by_step = dict(zip(steps, smooth))
+        previous = 0
+        for step, _, votes, probability in r["autowu_curve"]:
+            if votes > previous:
+                ax.plot(step, by_step.get(step, smooth[-1]), "o", color="C3",
+                        fillstyle="full" if probability > 0.95 else "none")
+            previous = votes
+        if r["autowu_switch_step"] is not None:
+            ax.axvline(r["autowu_switch_step"], color="C3", ls="--", label="switch")
+        ax.set_xlabel("optimizer steps")
+        ax.set_ylabel("training loss")
+        lr_ax = ax.twinx()
+        lr_ax.plot([s for s, _ in r["lr_curve"]], [v for _, v in r["lr_curve"]], color="C2", label="LR")
+        lr_ax.set_yscale("log")
+        lr_ax.set_ylabel("learning rate (applied)")
+        ax.set_title(r["run"])
+        ax.legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"{title}: AutoWU votes (filled = yes) and switch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None) -> int:

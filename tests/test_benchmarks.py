@@ -49,3 +49,13 @@ def test_scaling_quick(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "| 2x legw | 128 |" in table
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_scaling_quick_autowu(tmp_path):
+    run(["benchmarks/scaling.py", "--task", "image", "--quick", "--methods", "autowu_lamb"], tmp_path)
+    runs = {r["run"]: r for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
+    autowu = runs["2x autowu_lamb"]
+    assert autowu["autowu_switch_step"] is not None and autowu["autowu_gp_seconds"] > 0
+    assert autowu["autowu_curve"][-1][1] == 1  # it reached the decay phase
+    assert "AutoWU 2x autowu_lamb: switch at step" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "autowu.png").read_bytes()[:4] == b"\x89PNG"
