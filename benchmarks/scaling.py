@@ -284,8 +284,9 @@ def main(argv=None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = recipe_command(task, multiple, method, epochs, run_dir, extra, opts.quick, opts.device)
         done = run_dir / "wall.json"
-        if opts.reuse and done.is_file() and (run_dir / "summary.json").is_file():
-            wall = json.loads(done.read_text())["wall_s"]  # a finished run of an interrupted benchmark
+        finished = json.loads(done.read_text()) if done.is_file() and (run_dir / "summary.json").is_file() else {}
+        if opts.reuse and finished.get("command") == cmd:
+            wall = finished["wall_s"]  # a finished run of an interrupted benchmark, with the same command
         else:
             print(f"[{label}] {' '.join(cmd)}", flush=True)
             wall = run_one(cmd, run_dir / "log.txt")
