@@ -19,5 +19,6 @@ from .reporting import LRHistory
 from .stats import NoiseScaleMonitor
 from .trainer import LargeBatchTrainer
 
-__all__ = ["AdaScale", "Algorithm", "AutoWU", "AutoWUConfig", "LargeBatchArguments", "LargeBatchTrainer", "LRHistory", "NoiseScaleMonitor"]
+__all__ = ["AdaScale", "Algorithm", "AutoWU", "AutoWUConfig", "LargeBatchArguments", "LargeBatchTrainer", "LRHistory",
+           "NoiseScaleMonitor"]
 __version__ = "0.1.0"

@@ -36,6 +36,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from . import backends
 from .algorithm import Algorithm
+from .option_strings import parse_key_values
 
 DECAYS = ("cos", "const-cos")
 
@@ -80,20 +81,8 @@ class AutoWUConfig:
     @classmethod
     def from_string(cls, text: str | None) -> AutoWUConfig:
         """From ``"key=value,key=value"`` (the ``autowu_args`` option, in the style of HF's ``optim_args``)."""
-        types = {f.name: f.type for f in fields(cls)}
-        values = {}
-        for item in filter(None, (part.strip() for part in (text or "").split(","))):
-            key, sep, value = item.partition("=")
-            key = key.strip()
-            if not sep or key not in types:
-                raise ValueError(f"autowu_args: unknown or malformed entry {item!r}; valid keys: "
-                                 f"{', '.join(types)} (as key=value, comma-separated)")
-            kind = {"float": float, "int": int, "str": str}[types[key]]
-            try:
-                values[key] = kind(value.strip())
-            except ValueError:
-                raise ValueError(f"autowu_args: {key}={value!r} is not a {types[key]}") from None
-        return cls(**values)
+        kinds = {"float": float, "int": int, "str": str}  # field types are strings here (postponed annotations)
+        return cls(**parse_key_values(text, {f.name: kinds[f.type] for f in fields(cls)}, "autowu_args"))
 
 
 @dataclass

@@ -47,6 +47,8 @@ from typing import Any
 import pytorch_optimizer as _po
 import torch
 
+from .option_strings import parse_key_values
+
 LARGE_BATCH_OPTIMIZERS = ("lars", "lamb", "adamp")
 
 # Options each optimizer accepts through ``optim_args`` ("key=value,key=value"), with their types. lr, weight
@@ -161,38 +163,6 @@ class AdamP(_po.AdamP):
         return loss
 
 
-def _parse_value(key: str, text: str, kind: type):
-    value = text.strip()
-    if kind is bool:
-        if value.lower() in ("true", "1", "yes"):
-            return True
-        if value.lower() in ("false", "0", "no"):
-            return False
-    else:
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    raise ValueError(f"optim_args: {key}={text!r} is not a {kind.__name__}")
-
-
-def _parse_optim_args(name: str, optim_args: str | None) -> dict[str, Any]:
-    valid = _OPTIM_ARGS[name]
-    valid_text = (", ".join(valid) if valid
-                  else "none (lr, weight_decay, betas and eps come from the training arguments)")
-    parsed: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in (optim_args or "").split(","))):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or key not in valid:
-            raise ValueError(f"optim_args for optim={name!r}: unknown or malformed entry {item!r}; valid keys: "
-                             f"{valid_text} (as key=value, comma-separated)")
-        if key in parsed:
-            raise ValueError(f"optim_args for optim={name!r}: {key!r} given twice")
-        parsed[key] = _parse_value(key, value, valid[key])
-    return parsed
-
-
 def optimizer_cls_and_kwargs(name: str, learning_rate: float, weight_decay: float, adam_beta1: float,
                              adam_beta2: float, adam_epsilon: float, optim_args: str | None) -> tuple[type, dict]:
     """``(class, constructor kwargs)`` for one of ``LARGE_BATCH_OPTIMIZERS``, the kwargs built from the training
@@ -200,7 +170,9 @@ def optimizer_cls_and_kwargs(name: str, learning_rate: float, weight_decay: floa
     key = str(getattr(name, "value", name)).strip().lower()
     if key not in LARGE_BATCH_OPTIMIZERS:
         raise ValueError(f"unknown large-batch optimizer {name!r}; expected one of {', '.join(LARGE_BATCH_OPTIMIZERS)}")
-    extra = _parse_optim_args(key, optim_args)
+    extra = parse_key_values(optim_args, _OPTIM_ARGS[key], f"optim_args for optim={key!r}",
+                             None if _OPTIM_ARGS[key] else
+                             "none (lr, weight_decay, betas and eps come from the training arguments)")
     if key == "lars":
         return LARS, {"lr": learning_rate, "weight_decay": weight_decay, "momentum": 0.9,
                       "trust_coefficient": 0.001, **extra}

@@ -146,18 +146,17 @@ class LargeBatchTrainer(Trainer):
         if autowu is not None:  # AutoWU decides the LR as it goes; the groups' base LR is its max_lr
             autowu.build(self.args.learning_rate, num_training_steps, self._update_steps_per_epoch())
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, autowu.multiplier)
-            self._created_lr_scheduler = True
-            return self.lr_scheduler
-        schedule = str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type))
-        if schedule == "constant" and warmup > 0:  # HF's "constant" ignores the warm-up silently
-            schedule = "constant_with_warmup"
-        self.lr_scheduler = get_scheduler(
-            schedule,
-            optimizer=optimizer,
-            num_warmup_steps=warmup,
-            num_training_steps=num_training_steps,
-            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
-        )
+        else:
+            schedule = str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type))
+            if schedule == "constant" and warmup > 0:  # HF's "constant" ignores the warm-up silently
+                schedule = "constant_with_warmup"
+            self.lr_scheduler = get_scheduler(
+                schedule,
+                optimizer=optimizer,
+                num_warmup_steps=warmup,
+                num_training_steps=num_training_steps,
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+            )
         adascale = self._adascale()
         if adascale is not None and not hasattr(self.lr_scheduler, "lr_lambdas"):
             raise ValueError(f"lr_scaling='adascale' needs a schedule of progress; lr_scheduler_type="

@@ -149,6 +149,10 @@ class SetUpReached(Exception):
     """Raised in place of DeepSpeed's set-up: the argument checks before it all passed."""
 
 
+def reach_set_up(*args, **kwargs):
+    raise SetUpReached
+
+
 @pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"])
 def test_adamscale_under_deepspeed_is_refused(tmp_path, monkeypatch, optim):
     """AdamScale's preconditioned statistics need per-parameter Adam state, which ZeRO shards: refused before any
@@ -156,10 +160,7 @@ def test_adamscale_under_deepspeed_is_refused(tmp_path, monkeypatch, optim):
     path = tmp_path / "ds_config.json"
     path.write_text(json.dumps(ZERO2))
 
-    def reached(*args, **kwargs):
-        raise SetUpReached
-
-    monkeypatch.setattr(backends, "prepare_cpu_deepspeed", reached)
+    monkeypatch.setattr(backends, "prepare_cpu_deepspeed", reach_set_up)
     expected = (pytest.raises(ValueError, match=r"\(AdamScale\) is not supported under DeepSpeed.*Use DDP")
                 if "adam" in optim else pytest.raises(SetUpReached))
     with expected:
@@ -172,7 +173,7 @@ def test_trust_ratio_optimizers_under_deepspeed_are_refused(tmp_path, monkeypatc
     """ZeRO hands a client optimizer flattened shards: per-layer trust ratios would be wrong, so refused up front."""
     path = tmp_path / "ds_config.json"
     path.write_text(json.dumps(ZERO2))
-    monkeypatch.setattr(backends, "prepare_cpu_deepspeed", SetUpReached)
+    monkeypatch.setattr(backends, "prepare_cpu_deepspeed", reach_set_up)
     with pytest.raises(ValueError, match=rf"optim='{optim}' is not supported under DeepSpeed.*per-layer trust"):
         LargeBatchArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], deepspeed=str(path),
                             optim=optim)

@@ -1,6 +1,8 @@
 """CUDA-only checks of the gradient statistics under mixed precision, where gradients carry the fp16 GradScaler's
-loss scale and overflowed steps are skipped by the scaler. CI has no GPU, so these are skipped there; they ran on a
-lent H100 (see BENCHMARKS.md, "GPU checks"). bf16 autocast needs no scaler and is covered on CPU as well."""
+loss scale and overflowed steps are skipped by the scaler. CI has no GPU, so these are skipped there; they have
+not run on a GPU yet (none was lent to the sessions so far). bf16 autocast needs no scaler; its CPU case in
+test_stats.py runs the statistics through the trainer under autocast, though this model's elementwise ops stay
+fp32 there."""
 
 import tempfile
 

@@ -76,8 +76,8 @@ def test_label_smoothing_is_hf_label_smoother_objective():
     count = batch["labels"][:, 1:].ne(-100).sum()
     losses = {}
     for eps in (0.0, 0.1):
-        trainer = LargeBatchTrainer(model=model, args=train_args(LargeBatchArguments, 16, 1, label_smoothing_factor=eps),
-                                    train_dataset=data)
+        args = train_args(LargeBatchArguments, 16, 1, label_smoothing_factor=eps)
+        trainer = LargeBatchTrainer(model=model, args=args, train_dataset=data)
         losses[eps] = trainer.compute_loss(model, batch, num_items_in_batch=count)
     with torch.no_grad():
         outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -1,0 +1,35 @@
+"""``"key=value,key=value"`` option strings (HF's ``optim_args`` style), parsed against a table of typed keys so
+that a misspelt key or a value of the wrong type fails with the list of valid keys, before any work starts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def parse_key_values(text: str | None, types: dict[str, type], option: str, valid_text: str | None = None) -> dict:
+    """``{key: typed value}`` from ``text``; ``option`` names the setting in error messages, ``valid_text``
+    replaces the list of valid keys there (e.g. to say why there are none)."""
+    parsed: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in types:
+            raise ValueError(f"{option}: unknown or malformed entry {item!r}; valid keys: "
+                             f"{valid_text or ', '.join(types)} (as key=value, comma-separated)")
+        if key in parsed:
+            raise ValueError(f"{option}: {key!r} given twice")
+        parsed[key] = _convert(key, value.strip(), types[key], option)
+    return parsed
+
+
+def _convert(key: str, value: str, kind: type, option: str):
+    if kind is bool and value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    if kind is not bool:
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise ValueError(f"{option}: {key}={value!r} is not a {kind.__name__}")
