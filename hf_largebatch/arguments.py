@@ -9,6 +9,7 @@ from transformers.training_args import OptimizerNames
 
 from . import backends
 from .autowu import AutoWUConfig
+from .conadv import ADVERSARIAL_MODES, ConAdvConfig
 from .loss import LOSS_NORMALIZATIONS
 from .optimizers import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
 from .scaling import SCALING_RULES, check_rule
@@ -67,6 +68,20 @@ class LargeBatchArguments(TrainingArguments):
                           "decay=const-cos'); keys: " + ", ".join(AutoWUConfig.__dataclass_fields__)},
     )
 
+    adversarial: str = field(
+        default="none",
+        metadata={"help": "Adversarial training: 'conadv' (one-step attack on the previous step's weights, ConAdv), "
+                          "'sequential' (the same attack on the current weights) or 'none'. The loss averages clean "
+                          "and adversarial examples.",
+                  "choices": list(ADVERSARIAL_MODES)},
+    )
+    adversarial_args: str | None = field(
+        default=None,
+        metadata={"help": "The attack as 'key=value,...': epsilon (model input units) or pixel_epsilon ([0, 1] "
+                          "pixels; the image recipe converts it), alpha (default eps), random_start (0.8), targeted "
+                          "(false), input_name (auto)."},
+    )
+
     def __post_init__(self):
         check_rule(self.lr_scaling)
         self.check_lr_schedule()
@@ -88,8 +103,9 @@ class LargeBatchArguments(TrainingArguments):
         backends.check_launch()
         ds_config = backends.load_deepspeed_config(self.deepspeed)
         backends.check_deepspeed_config(ds_config)
+        self.check_adversarial()
         backends.check_algorithms_on_deepspeed(self.lr_scaling, str(getattr(self.optim, "value", self.optim)),
-                                               ds_config)
+                                               ds_config, self.adversarial)
         if ds_config is not None:
             self.accelerator_config = backends.prepare_cpu_deepspeed(self.accelerator_config)
         # TrainingArguments accepts only its own optimizer names: validate ours here and hand it a stand-in
@@ -121,6 +137,19 @@ class LargeBatchArguments(TrainingArguments):
                              "top of AutoWU's warm-up range (max_lr)")
         if self.warmup_steps or getattr(self, "warmup_ratio", 0):
             raise ValueError("lr_schedule='autowu' owns the warm-up: leave warmup_steps (and warmup_ratio) at 0")
+
+    def check_adversarial(self) -> None:
+        if self.adversarial not in ADVERSARIAL_MODES:
+            raise ValueError(f"unknown adversarial={self.adversarial!r}; choose one of {', '.join(ADVERSARIAL_MODES)}")
+        if self.adversarial == "none":
+            if self.adversarial_args:
+                raise ValueError("adversarial_args is set but adversarial is 'none'")
+            return
+        self.conadv_config()  # parse now: a bad key or a missing epsilon fails before any work
+
+    def conadv_config(self, **extra) -> ConAdvConfig:
+        """The attack of ``adversarial_args``; ``extra`` adds what the data knows (``image_mean``, ``image_std``)."""
+        return ConAdvConfig.from_string(self.adversarial_args, **extra)
 
     def autowu_config(self) -> AutoWUConfig:
         return AutoWUConfig.from_string(self.autowu_args)

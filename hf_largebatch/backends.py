@@ -74,11 +74,17 @@ def check_deepspeed_config(config: dict[str, Any] | None) -> None:
             )
 
 
-def check_algorithms_on_deepspeed(lr_scaling: str, optim: str, config: dict[str, Any] | None) -> None:
+def check_algorithms_on_deepspeed(lr_scaling: str, optim: str, config: dict[str, Any] | None,
+                                  adversarial: str = "none") -> None:
     """Refuse combinations whose maths needs each parameter's own optimizer state, which a DeepSpeed ZeRO client
-    optimizer holds only as flattened shards (they would run, silently computing something else)."""
+    optimizer holds only as flattened shards (they would run, silently computing something else), and ConAdv's
+    full model copy under ZeRO-3."""
     if not config:
         return
+    if adversarial != "none" and zero_stage(config) == 3:
+        raise ValueError(
+            f"adversarial={adversarial!r} is not supported under DeepSpeed ZeRO-3: the attack runs on a full copy of "
+            "the model, which ZeRO-3 partitions across ranks. Use ZeRO-1/2 (recipes/configs/ds_zero2.json) or DDP.")
     if optim in LARGE_BATCH_OPTIMIZERS:
         raise ValueError(
             f"optim={optim!r} is not supported under DeepSpeed: ZeRO hands a client optimizer flattened shards of "

@@ -26,13 +26,15 @@ from . import loss as loss_rules
 from .adascale import AdaScale
 from .algorithm import EVENTS, Algorithm
 from .autowu import AutoWU
+from .conadv import ConAdv, micro_batch_seed
 from .optimizers import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
 from .scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier
 
 ALGORITHM_STATE_FILE = "hf_largebatch_algorithms_rank{rank}.pt"
 
 _DEFAULTS = {"lr_scaling": "none", "base_batch_size": None, "legw_base_warmup_epochs": 0.0,
-             "loss_normalization": "auto", "lr_schedule": "hf", "autowu_args": None}
+             "loss_normalization": "auto", "lr_schedule": "hf", "autowu_args": None,
+             "adversarial": "none"}
 
 
 class LargeBatchTrainer(Trainer):
@@ -65,6 +67,13 @@ class LargeBatchTrainer(Trainer):
             self.add_callback(AdaScale())
         if self._option("lr_schedule") == "autowu" and self._autowu() is None:
             self.add_callback(AutoWU(self.args.autowu_config()))
+        if self._option("adversarial") != "none" and self._conadv() is None:
+            config = self.args.conadv_config()
+            if config.pixel_epsilon is not None and config.image_std is None:
+                raise ValueError("adversarial_args gives pixel_epsilon, which needs the images' per-channel std: pass "
+                                 "callbacks=[ConAdv(args.conadv_config(image_mean=..., image_std=...), "
+                                 "args.adversarial)] (the image recipe does), or give epsilon in input units")
+            self.add_callback(ConAdv(config, self.args.adversarial))
         self._index_listeners()
 
     # ------------------------------------------------------------------ options and algorithms
@@ -91,6 +100,9 @@ class LargeBatchTrainer(Trainer):
 
     def _autowu(self) -> AutoWU | None:
         return next((alg for alg in self.algorithms if isinstance(alg, AutoWU)), None)
+
+    def _conadv(self) -> ConAdv | None:
+        return next((alg for alg in self.algorithms if isinstance(alg, ConAdv)), None)
 
     # ------------------------------------------------------------------ optimizer and LR ownership
     def create_optimizer(self, model=None):
@@ -225,6 +237,21 @@ class LargeBatchTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training or self.compute_loss_func is not None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        adversary = self._conadv()
+        if adversary is None:
+            return self._training_loss(model, inputs, return_outputs, num_items_in_batch)
+        # ConAdv: the loss of [clean; adversarial], with the clean batch's normalisation (mean of the two halves)
+        batch, perturbing = adversary.training_batch(
+            self.accelerator.unwrap_model(model), inputs,
+            seed=micro_batch_seed(self.args.seed, self.state.global_step, self._micro_step, self.args.process_index),
+            last_micro_batch=self._micro_step == self.current_gradient_accumulation_steps - 1,
+            shift_labels=self._shifts_labels)
+        with perturbing:
+            return self._training_loss(model, batch, return_outputs, num_items_in_batch, copies=2)
+
+    def _training_loss(self, model, inputs, return_outputs, num_items_in_batch, copies: int = 1):
+        """The split-invariant training loss (loss.py); ``copies``: the batch holds each example that many times
+        (ConAdv), which the token rule divides out (a per-micro-batch mean already averages them)."""
         labels = inputs.get("labels")
         if self._loss_mode(labels) == "mean":
             # A per-micro-batch mean: the Trainer divides it by the micro-batches of this step; DDP averages ranks.
@@ -241,11 +268,11 @@ class LargeBatchTrainer(Trainer):
                                                        self.args.label_smoothing_factor)
         world = self.args.world_size
         # Sum over this micro-batch / tokens of the whole global batch; x world undoes the ranks' averaging.
-        loss = summed * world / num_items_in_batch
+        loss = summed * world / (num_items_in_batch * copies)
         self.loss_is_scaled_for_ga = True
         if self._wanted("on_local_gradient"):
             tokens = loss_rules.count_label_tokens(labels, self._shifts_labels)
-            self._micro_weight = float(world * tokens / num_items_in_batch) * self._hook_loss_scale()
+            self._micro_weight = float(world * tokens / (num_items_in_batch * copies)) * self._hook_loss_scale()
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ per-micro-batch and per-step events
@@ -301,6 +328,13 @@ class LargeBatchTrainer(Trainer):
         if self._adascale() is not None and self._option("lr_scaling") != "adascale":
             raise ValueError("an AdaScale callback needs lr_scaling='adascale' (it owns the LR gain and progress); "
                              f"got lr_scaling={self._option('lr_scaling')!r}")
+        adversary = self._conadv()
+        if adversary is not None and adversary.mode != self._option("adversarial"):
+            raise ValueError(f"a ConAdv callback in mode {adversary.mode!r} needs adversarial={adversary.mode!r}; "
+                             f"got adversarial={self._option('adversarial')!r}")
+        if adversary is not None and self.compute_loss_func is not None:
+            raise ValueError("adversarial training builds the loss of [clean; adversarial] itself; it cannot be "
+                             "combined with compute_loss_func")
         if self._autowu() is not None and self._option("lr_schedule") != "autowu":
             raise ValueError("an AutoWU callback needs lr_schedule='autowu' (it owns the LR schedule); got "
                              f"lr_schedule={self._option('lr_schedule')!r}")

@@ -1,0 +1,345 @@
+"""ConAdv: concurrent adversarial training with stale weights (Liu et al., ICLR 2022), and its sequential baseline.
+
+Each training micro-batch ``x`` gets an adversarial copy made by one signed-gradient step from a random start::
+
+    delta0 = Uniform(-eps, eps) for a fraction ``random_start`` of the examples, else 0
+    g      = grad_x CE(f(x + delta0; w_attack), y)      # y: the true label (ascent) or a random wrong one (descent)
+    x_adv  = clip(x + delta0 + alpha sign(g), x - eps, x + eps)
+
+and the step's loss is the mean over ``[clean, adversarial]`` (one forward of the concatenated batch, normalised
+like the clean loss). ``w_attack`` is what distinguishes the two modes:
+
+* ``conadv``: the weights of the previous step, ``w_{t-1}``. The attack then does not depend on step t-1's
+  all-reduce and update, which is what lets it run concurrently with them on an accelerator.
+* ``sequential``: the current weights ``w_t`` (classic adversarial training; the attack waits for the update).
+
+The attack runs on a private copy of the model (one extra model in memory): its parameters never require
+gradients, it is not wrapped by DDP or DeepSpeed (so it triggers no collective and ranks stay in lockstep), its
+BatchNorm running statistics are its own (the trained model's are untouched by the attack), its dropout is off
+(the attack draws no numbers from the global RNG), and its random starts come from a generator seeded by
+(seed, step, micro-batch, rank), so a resumed run draws the same ones.
+
+Inputs: a floating-point input (``pixel_values``, ...) is perturbed directly; ``input_ids`` are perturbed in
+embedding space, by adding the perturbation to the output of ``model.get_input_embeddings()`` for that call. (The
+hook, rather than passing ``inputs_embeds``, keeps the model's own embedding path: Marian, for one, multiplies the
+embeddings by sqrt(d) only when it embeds ``input_ids`` itself.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import loss as loss_rules
+from .algorithm import Algorithm
+from .option_strings import parse_key_values
+
+ADVERSARIAL_MODES = ("none", "conadv", "sequential")
+_FLOAT_INPUTS = ("pixel_values", "input_values", "input_features")
+
+
+@dataclass
+class ConAdvConfig:
+    """The attack. Give the radius either as ``epsilon`` in the model's input units (normalised pixels, embedding
+    units) or as ``pixel_epsilon`` in [0, 1] pixel units, converted per channel with ``image_std`` (the image
+    recipe fills ``image_mean``/``image_std`` from its normalisation, and then also keeps x_adv a valid image)."""
+
+    epsilon: float | None = None
+    pixel_epsilon: float | None = None
+    #: step size, in the units of the radius given; default: the radius (alpha = eps)
+    alpha: float | None = None
+    #: fraction of examples whose attack starts from a uniform random point of the eps-ball (the rest from x)
+    random_start: float = 0.8
+    #: descend towards a random wrong label instead of ascending the true label's loss
+    targeted: bool = False
+    #: the input to perturb: "auto" (pixel_values / input_values / input_features, else input_ids) or a key
+    input_name: str = "auto"
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
+
+    _STRING_KEYS = ("epsilon", "pixel_epsilon", "alpha", "random_start", "targeted", "input_name")
+
+    def __post_init__(self):
+        if (self.epsilon is None) == (self.pixel_epsilon is None):
+            raise ValueError("ConAdv needs exactly one of epsilon (in the model's input units, e.g. "
+                             "adversarial_args='epsilon=0.1') or pixel_epsilon (in [0, 1] pixel units, e.g. "
+                             "'pixel_epsilon=0.0314' for 8/255)")
+        radius = self.epsilon if self.epsilon is not None else self.pixel_epsilon
+        if radius <= 0 or (self.alpha is not None and self.alpha <= 0):
+            raise ValueError(f"ConAdv: epsilon and alpha must be > 0 (got {radius} and {self.alpha})")
+        if not 0.0 <= self.random_start <= 1.0:
+            raise ValueError(f"ConAdv: random_start is a probability, got {self.random_start}")
+
+    @classmethod
+    def from_string(cls, text: str | None, **extra) -> ConAdvConfig:
+        types = {f.name: (str if f.name == "input_name" else bool if f.name == "targeted" else float)
+                 for f in fields(cls) if f.name in cls._STRING_KEYS}
+        return cls(**parse_key_values(text, types, "adversarial_args"), **extra)
+
+    def radius_and_step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, alpha) in the units of ``x``, shaped to broadcast over it (per channel for pixel_epsilon)."""
+        alpha = self.alpha
+        if self.epsilon is not None:
+            eps = torch.tensor(self.epsilon, dtype=x.dtype, device=x.device)
+            return eps, eps if alpha is None else torch.tensor(alpha, dtype=x.dtype, device=x.device)
+        if self.image_std is None:
+            raise ValueError("pixel_epsilon needs image_std (the per-channel std the images were normalised with) "
+                             "to convert it to the model's input units; or give epsilon in those units instead")
+        std = self._per_channel(self.image_std, x)
+        eps = self.pixel_epsilon / std
+        return eps, eps if alpha is None else alpha / std
+
+    def valid_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Normalised values of pixels 0 and 1 (per channel), when the normalisation is known."""
+        if self.image_mean is None or self.image_std is None:
+            return None
+        mean, std = self._per_channel(self.image_mean, x), self._per_channel(self.image_std, x)
+        return (0 - mean) / std, (1 - mean) / std
+
+    @staticmethod
+    def _per_channel(values, x: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(values, dtype=x.dtype, device=x.device).reshape(-1)
+        if x.dim() < 3 or t.numel() not in (1, x.shape[1]):
+            raise ValueError(f"image normalisation with {t.numel()} channel(s) does not fit inputs of shape "
+                             f"{tuple(x.shape)} (batch, channels, ...)")
+        return t.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+# ---------------------------------------------------------------------------------------------- functional core
+def signed_gradient_perturbation(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                                 eps: torch.Tensor, alpha: torch.Tensor, random_start: float, targeted: bool,
+                                 generator: torch.Generator,
+                                 valid_range: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The perturbation ``x_adv - x`` of one signed-gradient step from a random start; ``|x_adv - x| <= eps``.
+
+    ``loss_of(x')`` is the attack loss at ``x'`` (to be ascended; the targeted loss is negated here). Only the
+    gradient with respect to ``x'`` is taken (``torch.autograd.grad``), so no parameter's ``.grad`` changes.
+    """
+    x = x.detach()
+    per_example = (x.shape[0],) + (1,) * (x.dim() - 1)
+    starts = torch.rand(x.shape[0], generator=generator, device=x.device) < random_start
+    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+    x0 = x + noise * eps * starts.reshape(per_example).to(x.dtype)
+    if valid_range is not None:
+        x0 = torch.clamp(x0, *valid_range)
+    x0.requires_grad_(True)
+    loss = loss_of(x0)
+    (grad,) = torch.autograd.grad(-loss if targeted else loss, x0)
+    x_adv = torch.clamp(x0.detach() + alpha * grad.sign(), x - eps, x + eps)
+    if valid_range is not None:
+        x_adv = torch.clamp(x_adv, *valid_range)
+    return (x_adv - x).detach()
+
+
+def attack_loss(logits: torch.Tensor, labels: torch.Tensor, shift_labels: bool) -> torch.Tensor:
+    """Mean cross-entropy over examples (class labels) or label tokens (per-token labels, ``-100`` ignored)."""
+    if loss_rules.is_token_level(labels):
+        count = loss_rules.count_label_tokens(labels, shift_labels).clamp(min=1)
+        return loss_rules.summed_token_cross_entropy(logits, labels, shift_labels) / count
+    return F.cross_entropy(logits.float(), labels.to(logits.device))
+
+
+def random_wrong_labels(labels: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly random label different from the true one (``-100`` positions kept)."""
+    offset = torch.randint(1, num_classes, labels.shape, generator=generator, device=labels.device)
+    wrong = (labels + offset) % num_classes
+    return torch.where(labels == loss_rules.IGNORE_INDEX, labels, wrong)
+
+
+def perturbed_input_name(inputs: dict, input_name: str = "auto") -> str:
+    if input_name != "auto":
+        if input_name not in inputs:
+            raise KeyError(f"ConAdv input_name={input_name!r} is not in the batch (it has {sorted(inputs)})")
+        return input_name
+    for key in (*_FLOAT_INPUTS, "input_ids"):
+        if key in inputs:
+            return key
+    raise ValueError(f"ConAdv found no input to perturb in the batch (keys {sorted(inputs)}): it perturbs "
+                     f"{', '.join(_FLOAT_INPUTS)} or, through the input embeddings, input_ids; set "
+                     "adversarial_args='input_name=...' for another float input")
+
+
+@contextlib.contextmanager
+def embedding_perturbation(model, input_ids: torch.Tensor, delta: torch.Tensor):
+    """While active, the model's input-embedding layer returns ``embedding + delta`` when it embeds ``input_ids``
+    (and its plain output for anything else, e.g. a seq2seq decoder sharing the table)."""
+    layer = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if layer is None:
+        raise ValueError(f"{type(model).__name__} has no get_input_embeddings(): ConAdv on input_ids needs an "
+                         "embedding layer to perturb")
+    hits = []
+
+    def add_delta(module, args, output):
+        ids = args[0] if args else None
+        if ids is input_ids or (isinstance(ids, torch.Tensor) and ids.shape == input_ids.shape
+                                and torch.equal(ids, input_ids)):
+            hits.append(True)
+            return output + delta.to(output.dtype)
+        return None
+
+    handle = layer.register_forward_hook(add_delta)
+    try:
+        yield hits
+    finally:
+        handle.remove()
+    if not hits:
+        raise RuntimeError(f"{type(model).__name__} never embedded input_ids through get_input_embeddings(), so the "
+                           "adversarial perturbation was not applied")
+
+
+def model_logits(outputs) -> torch.Tensor:
+    return outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+
+
+def perturbation(model, inputs: dict, config: ConAdvConfig, generator: torch.Generator,
+                 shift_labels: bool) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """(perturbed input name, delta, attack loss at the start point) of one attack on ``model`` (used as it is:
+    pass a copy for stale weights)."""
+    labels = inputs.get("labels")
+    if not isinstance(labels, torch.Tensor) or torch.is_floating_point(labels):
+        raise ValueError("ConAdv's attack needs integer class or token `labels` in the batch")
+    key = perturbed_input_name(inputs, config.input_name)
+    if key == "input_ids":
+        x = model.get_input_embeddings()(inputs["input_ids"]).detach()
+        valid = None
+    else:
+        x = inputs[key]
+        if not torch.is_floating_point(x):
+            raise ValueError(f"ConAdv perturbs float inputs or input_ids; {key!r} is {x.dtype}")
+        valid = config.valid_range(x)
+    eps, alpha = config.radius_and_step(x)
+    targets, start_loss = [None], []
+
+    def loss_of(x_start):
+        if key == "input_ids":
+            with embedding_perturbation(model, inputs["input_ids"], x_start - x):
+                logits = model_logits(model(**inputs))
+        else:
+            logits = model_logits(model(**{**inputs, key: x_start}))
+        if targets[0] is None:
+            targets[0] = (random_wrong_labels(labels, logits.shape[-1], generator) if config.targeted else labels)
+        start_loss.append(attack_loss(logits, targets[0], shift_labels))
+        return start_loss[0]
+
+    delta = signed_gradient_perturbation(loss_of, x, eps, alpha, config.random_start, config.targeted, generator,
+                                         valid)
+    return key, delta, start_loss[0].detach()
+
+
+def concatenated_batch(inputs: dict, key: str, delta: torch.Tensor) -> dict:
+    """``[clean; adversarial]`` along the batch: every tensor input twice, the perturbed one with ``delta`` added
+    to its second half (for ``input_ids`` the perturbation is added in the embedding, see ``embedding_perturbation``)."""
+    batch = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
+    if key != "input_ids":
+        batch[key] = torch.cat([inputs[key], inputs[key] + delta.to(inputs[key].dtype)])
+    return batch
+
+
+def micro_batch_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, micro_step, rank]).generate_state(1)[0])
+
+
+def attack_copy(model) -> torch.nn.Module:
+    """The model the attack runs on: a copy with frozen parameters, no hooks, dropout off, BatchNorm on batch
+    statistics (as in the training forward) with running statistics of its own."""
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+        module._backward_hooks.clear()
+        module.training = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+    for param in clone.parameters():
+        param.requires_grad_(False)
+        param.grad = None
+    return clone
+
+
+@torch.no_grad()
+def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Parameters and buffers of ``source`` into ``target`` (same architecture), in place."""
+    src = [*source.parameters(), *source.buffers()]
+    dst = [*target.parameters(), *target.buffers()]
+    torch._foreach_copy_(dst, src)
+
+
+# ---------------------------------------------------------------------------------------------- Trainer glue
+class ConAdv(Algorithm):
+    """Adversarial training with a one-step attack on stale (``mode="conadv"``) or current (``"sequential"``)
+    weights; ``LargeBatchTrainer`` asks it for the training batch of every micro-batch (``training_batch``).
+
+    Add it through ``LargeBatchArguments(adversarial="conadv", adversarial_args="epsilon=...")`` or pass
+    ``ConAdv(ConAdvConfig(...))`` in ``callbacks`` (with the same ``adversarial`` setting).
+    """
+
+    name = "conadv"
+
+    def __init__(self, config: ConAdvConfig, mode: str = "conadv"):
+        if mode not in ADVERSARIAL_MODES[1:]:
+            raise ValueError(f"ConAdv mode must be one of {ADVERSARIAL_MODES[1:]}, got {mode!r}")
+        self.config = config
+        self.mode = mode
+        self.attack_model: torch.nn.Module | None = None
+        self._pending_state: dict | None = None
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._loss_count = 0
+
+    def training_batch(self, model, inputs: dict, *, seed: int, last_micro_batch: bool,
+                       shift_labels: bool) -> tuple[dict, contextlib.AbstractContextManager]:
+        """The ``[clean; adversarial]`` batch for this micro-batch and the context to run the model's forward in.
+
+        ``model`` is the unwrapped trained model; call it inside the training forward's autocast context. In conadv mode the attack copy holds the previous step's weights;
+        it is refreshed with the current ones after the step's last attack, before the update changes them (under
+        DeepSpeed the update happens inside the last micro-batch's backward)."""
+        if self.attack_model is None:
+            self.attack_model = attack_copy(model)
+            if self._pending_state is not None:
+                self.attack_model.load_state_dict(self._pending_state)
+                self._pending_state = None
+        if self.mode == "sequential":
+            copy_weights(model, self.attack_model)
+        generator = torch.Generator(device=_device_of(inputs)).manual_seed(seed)
+        key, delta, loss = perturbation(self.attack_model, inputs, self.config, generator, shift_labels)
+        if self.mode == "conadv" and last_micro_batch:
+            copy_weights(model, self.attack_model)
+        self._loss_sum = loss + self._loss_sum
+        self._loss_count += 1
+        batch = concatenated_batch(inputs, key, delta)
+        if key != "input_ids":
+            return batch, contextlib.nullcontext()
+        zeros = torch.zeros_like(delta)
+        return batch, embedding_perturbation(model, batch["input_ids"], torch.cat([zeros, delta]))
+
+    def log_metrics(self) -> dict[str, float]:
+        """``adversarial_attack_loss``: the attack model's loss at the attack's start points (mean since the last
+        log; for conadv that is the stale model's), read here so the training loop never waits for it."""
+        if not self._loss_count:
+            return {}
+        mean = float(self._loss_sum) / self._loss_count
+        self._loss_sum, self._loss_count = 0.0, 0
+        return {"adversarial_attack_loss": mean}
+
+    # checkpoint state: the attack copy's weights (the stale w_{t-1}); the generator needs none (seeded per step)
+    def state_dict(self) -> dict[str, Any]:
+        if self.attack_model is None:
+            return {} if self._pending_state is None else {"attack_model": self._pending_state}
+        return {"attack_model": {k: v.detach().clone() for k, v in self.attack_model.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        weights = state.get("attack_model")
+        if weights is None:
+            return
+        if self.attack_model is None:
+            self._pending_state = weights
+        else:
+            self.attack_model.load_state_dict(weights)
+
+
+def _device_of(inputs: dict) -> torch.device:
+    return next(v.device for v in inputs.values() if isinstance(v, torch.Tensor))
+

@@ -1,0 +1,245 @@
+"""ConAdv and sequential adversarial training: which weights the attack uses, what it may not touch, the attack's
+maths and radius, the loss normalisation, resume, and bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from transformers import TrainerCallback
+
+import hf_largebatch.conadv as conadv_module
+from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
+from hf_largebatch.conadv import ConAdv, ConAdvConfig, perturbation, signed_gradient_perturbation
+from helpers import (digits_dataset, flat_params, freeze_batchnorm_statistics, single_thread, tiny_bert_classifier,
+                     tiny_gpt2_lm, tiny_resnet, token_dataset)
+
+_threads = pytest.fixture(autouse=True)(single_thread)
+
+
+def make_args(tmp_path, adversarial="conadv", adversarial_args="epsilon=0.1", **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=4,
+                optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", use_cpu=True, report_to=[],
+                save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, data_seed=0,
+                dataloader_drop_last=True, adversarial=adversarial, adversarial_args=adversarial_args)
+    base.update(kw)
+    return LargeBatchArguments(**base)
+
+
+@pytest.mark.parametrize("mode", ["conadv", "sequential"])
+def test_attack_uses_previous_step_weights_or_current_ones(tmp_path, monkeypatch, mode):
+    attacked_with = []
+    real = conadv_module.perturbation
+
+    def recording(model, *args, **kwargs):
+        attacked_with.append(flat_params(model))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(conadv_module, "perturbation", recording)
+    weights = []
+
+    class AtStepBegin(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            weights.append(flat_params(model))
+
+    model = tiny_resnet()
+    trainer = LargeBatchTrainer(model=model, args=make_args(tmp_path, mode), train_dataset=digits_dataset(128),
+                                callbacks=[AtStepBegin()])
+    trainer.train()
+    assert len(weights) == 4 and len(attacked_with) == 8  # 4 steps x 2 micro-batches
+    for t in range(4):
+        for micro in range(2):
+            used = attacked_with[2 * t + micro]
+            if mode == "sequential" or t == 0:  # step 0 has no older weights than w_0
+                np.testing.assert_array_equal(used, weights[t])
+            else:
+                np.testing.assert_array_equal(used, weights[t - 1])
+                assert not np.array_equal(used, weights[t])
+
+
+def test_attack_touches_no_gradient_bn_statistic_or_global_rng():
+    model = tiny_resnet()  # real BatchNorm, training mode
+    model.train()
+    batch = dict(digits_dataset(16).columns)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    grads = [p.grad.clone() for p in model.parameters()]
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    rng = torch.get_rng_state()
+    algorithm = ConAdv(ConAdvConfig(epsilon=0.1))
+    batch_out, _ = algorithm.training_batch(model, batch, seed=1, last_micro_batch=True, shift_labels=False)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    for name, value in model.named_buffers():
+        torch.testing.assert_close(value, buffers[name], rtol=0, atol=0)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(not p.requires_grad for p in algorithm.attack_model.parameters())
+    assert batch_out["pixel_values"].shape[0] == 32
+    torch.testing.assert_close(batch_out["pixel_values"][:16], batch["pixel_values"], rtol=0, atol=0)
+
+
+class Linear(torch.nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+
+    def forward(self, pixel_values, labels=None):
+        return {"logits": pixel_values.flatten(1) @ self.weight.T}
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_one_signed_step_matches_the_hand_computed_gradient_sign(targeted):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(6, 1, 2, 2, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    config = ConAdvConfig(epsilon=0.25, random_start=0.0, targeted=targeted)
+    key, delta, _ = perturbation(Linear(weight), {"pixel_values": x, "labels": labels}, config,
+                                 torch.Generator().manual_seed(3), shift_labels=False)
+    assert key == "pixel_values"
+    target = labels
+    if targeted:  # the same draw the attack makes for its wrong labels, after its start-point draws
+        gen = torch.Generator().manual_seed(3)
+        torch.rand(6, generator=gen), torch.rand(x.shape, generator=gen, dtype=x.dtype)
+        target = (labels + torch.randint(1, 3, labels.shape, generator=gen)) % 3
+        assert (target != labels).all()
+    # d CE / d x = W^T (softmax(Wx) - onehot(y)); the untargeted step ascends it, the targeted one descends it
+    probs = torch.softmax(x.flatten(1) @ weight.T, dim=-1)
+    grad = (probs - torch.nn.functional.one_hot(target, 3).double()) @ weight
+    expected = 0.25 * grad.sign() * (-1 if targeted else 1)
+    torch.testing.assert_close(delta.flatten(1), expected, rtol=0, atol=1e-15)
+
+
+def test_pixel_epsilon_is_converted_per_channel_and_respected():
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.1)
+    config = ConAdvConfig(pixel_epsilon=8 / 255, image_mean=mean, image_std=std)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(32, 3, 4, 4, generator=g)
+    x = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    weight = torch.randn(5, 48, generator=g)
+    _, delta, _ = perturbation(Linear(weight), {"pixel_values": x, "labels": torch.randint(0, 5, (32,))}, config,
+                               torch.Generator().manual_seed(1), shift_labels=False)
+    for c in range(3):
+        eps = 8 / 255 / std[c]
+        assert delta[:, c].abs().max() <= eps * (1 + 1e-6)
+        assert delta[:, c].abs().max() >= 0.99 * eps  # the attack does move to the edge of the ball
+    adv_pixels = (x + delta) * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    assert adv_pixels.min() >= -1e-6 and adv_pixels.max() <= 1 + 1e-6  # still a valid image
+    # 80% of the examples start from a random point of the ball: their perturbation is not just eps*sign
+    on_edge = torch.isclose(delta.abs(), torch.tensor(8 / 255) / torch.tensor(std).view(1, 3, 1, 1)).flatten(1)
+    assert 0.5 < (~on_edge.all(dim=1)).float().mean() <= 1.0
+
+
+def test_embedding_perturbation_for_text_respects_epsilon_and_is_applied():
+    model = tiny_bert_classifier()
+    model.train()
+    data = token_dataset(8, 12, 64, 3).columns
+    algorithm = ConAdv(ConAdvConfig(epsilon=0.05))
+    batch, perturbing = algorithm.training_batch(model, data, seed=0, last_micro_batch=True, shift_labels=False)
+    seen = []
+    with perturbing as hits:  # a hook registered after ConAdv's sees what the model gets
+        handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out))
+        model(**batch)
+    handle.remove()
+    assert hits == [True]
+    clean = model.get_input_embeddings()(data["input_ids"])
+    # the perturbation is added to the second half (the adversarial copy) only
+    delta = seen[0][8:] - clean
+    torch.testing.assert_close(seen[0][:8], clean)
+    assert 0.04 < delta.abs().max() <= 0.05 + 1e-6
+
+
+@pytest.mark.parametrize("mode", ["conadv", "sequential"])
+@pytest.mark.parametrize("kind", ["resnet", "gpt2"])
+def test_vanishing_radius_trains_like_clean_training(tmp_path, kind, mode):
+    """The loss of [clean; adversarial] is normalised like the clean loss: with eps -> 0 the run is the clean run
+    (per-example mean for the classifier, token-level for the LM; two micro-batches a step)."""
+    make_model, data = {"resnet": (lambda: freeze_batchnorm_statistics(tiny_resnet()), digits_dataset(128)),
+                        "gpt2": (tiny_gpt2_lm, token_dataset(128, 12, 64, None))}[kind]
+    results = []
+    for adversarial, extra in ((mode, "epsilon=1e-9"), ("none", None)):
+        model = make_model()
+        LargeBatchTrainer(model=model, args=make_args(tmp_path / adversarial, adversarial, extra),
+                          train_dataset=data).train()
+        results.append(flat_params(model))
+    np.testing.assert_allclose(results[0], results[1], rtol=0, atol=2e-6)
+    assert not np.array_equal(results[1], flat_params(make_model()))
+
+
+def test_adversarial_training_differs_from_clean_training(tmp_path):
+    params = []
+    for adversarial, extra in (("conadv", "epsilon=0.3"), ("none", None)):
+        model = tiny_resnet()
+        LargeBatchTrainer(model=model, args=make_args(tmp_path / adversarial, adversarial, extra),
+                          train_dataset=digits_dataset(128)).train()
+        params.append(flat_params(model))
+    assert np.abs(params[0] - params[1]).max() > 1e-3
+
+
+def test_resume_restores_stale_weights(tmp_path):
+    def run(out, resume=None):
+        model = tiny_resnet()
+        args = make_args(out, max_steps=6, save_strategy="steps", save_steps=3, optim_args="momentum=0.9")
+        trainer = LargeBatchTrainer(model=model, args=args, train_dataset=digits_dataset(192))
+        trainer.train(resume_from_checkpoint=resume)
+        return model, trainer._conadv()
+
+    full_model, full_adv = run(tmp_path / "full")
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    resumed_model, resumed_adv = run(tmp_path / "resumed", str(checkpoint))
+    np.testing.assert_allclose(flat_params(resumed_model), flat_params(full_model), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(flat_params(resumed_adv.attack_model), flat_params(full_adv.attack_model),
+                               rtol=0, atol=1e-6)
+
+
+def test_resume_without_stale_weights_would_differ(tmp_path):
+    """The resume test above can fail: a resumed run whose attack copy restarts from the current weights (what
+    losing the stale weights would do) ends elsewhere."""
+    model = tiny_resnet()
+    args = make_args(tmp_path / "full", max_steps=6, save_strategy="steps", save_steps=3)
+    LargeBatchTrainer(model=model, args=args, train_dataset=digits_dataset(192)).train()
+    lost = tiny_resnet()
+    trainer = LargeBatchTrainer(model=lost, args=make_args(tmp_path / "lost", max_steps=6),
+                                train_dataset=digits_dataset(192))
+    trainer._conadv().load_state_dict = lambda state: None  # drop the saved attack copy
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert np.abs(flat_params(lost) - flat_params(model)).max() > 1e-7
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"adversarial": "fgsm"}, "unknown adversarial"),
+    ({"adversarial_args": None}, "exactly one of epsilon"),
+    ({"adversarial_args": "epsilon=0.1,pixel_epsilon=0.03"}, "exactly one of epsilon"),
+    ({"adversarial_args": "eps=0.1"}, "valid keys: epsilon, pixel_epsilon"),
+    ({"adversarial_args": "epsilon=0.1,random_start=2"}, "probability"),
+    ({"adversarial": "none", "adversarial_args": "epsilon=0.1"}, "adversarial is 'none'"),
+])
+def test_bad_adversarial_options_fail_at_arguments(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **kwargs)
+
+
+def test_pixel_epsilon_without_normalisation_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="image_std"):
+        LargeBatchTrainer(model=tiny_resnet(), args=make_args(tmp_path, adversarial_args="pixel_epsilon=0.03"),
+                          train_dataset=digits_dataset(32))
+
+
+def test_zero3_is_refused(tmp_path):
+    config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        make_args(tmp_path, deepspeed=config, use_cpu=False)
+
+
+def test_callback_mode_must_match_arguments(tmp_path):
+    trainer = LargeBatchTrainer(model=tiny_resnet(), args=make_args(tmp_path, "none", None),
+                                train_dataset=digits_dataset(32),
+                                callbacks=[ConAdv(ConAdvConfig(epsilon=0.1), "sequential")])
+    with pytest.raises(ValueError, match="adversarial='sequential'"):
+        trainer.train()
+
+
+def test_signed_gradient_perturbation_clips_to_the_ball():
+    x = torch.zeros(4, 3)
+    eps = torch.tensor(0.1)
+    delta = signed_gradient_perturbation(lambda z: (z * torch.arange(1.0, 4.0)).sum(), x, eps, torch.tensor(0.5),
+                                         1.0, False, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(delta, torch.full((4, 3), 0.1))  # alpha > eps: clipped to the radius
