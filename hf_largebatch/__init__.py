@@ -9,16 +9,18 @@ Public API::
     AdaScale               the AdaScale / AdamScale algorithm (added for lr_scaling="adascale")
     NoiseScaleMonitor      gradient-noise-scale telemetry for any run (no LR change)
     AutoWU, AutoWUConfig   automated warm-up and decay (added for lr_schedule="autowu")
+    ConAdv, ConAdvConfig   adversarial training on stale weights (added for adversarial="conadv"|"sequential")
 """
 
 from .adascale import AdaScale
 from .algorithm import Algorithm
 from .autowu import AutoWU, AutoWUConfig
+from .conadv import ConAdv, ConAdvConfig
 from .arguments import LargeBatchArguments
 from .reporting import LRHistory
 from .stats import NoiseScaleMonitor
 from .trainer import LargeBatchTrainer
 
-__all__ = ["AdaScale", "Algorithm", "AutoWU", "AutoWUConfig", "LargeBatchArguments", "LargeBatchTrainer", "LRHistory",
-           "NoiseScaleMonitor"]
+__all__ = ["AdaScale", "Algorithm", "AutoWU", "AutoWUConfig", "ConAdv", "ConAdvConfig", "LargeBatchArguments",
+           "LargeBatchTrainer", "LRHistory", "NoiseScaleMonitor"]
 __version__ = "0.1.0"

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import backends
 from . import loss as loss_rules
 from .algorithm import Algorithm
 from .option_strings import parse_key_values
@@ -338,6 +339,46 @@ class ConAdv(Algorithm):
             self._pending_state = weights
         else:
             self.attack_model.load_state_dict(weights)
+
+
+def evaluate_under_attack(trainer, dataset, config: ConAdvConfig, metric_key_prefix: str = "eval_adv") -> dict:
+    """Metrics on ``dataset`` with every batch attacked by the same one-step attack, on the current weights in
+    eval mode (BatchNorm on running statistics, no dropout): ``<prefix>_accuracy`` for class labels, ``<prefix>_loss``
+    (mean over examples or label tokens) and, for token labels, ``<prefix>_perplexity``. Random starts are seeded
+    by batch, so two runs are attacked alike. Counts are summed over ranks."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    was_training = model.training
+    model.eval()
+    shift = loss_rules.shifts_labels(model)
+    totals = torch.zeros(3, dtype=torch.float64)  # correct (or 0), loss sum, examples (or label tokens)
+    try:
+        for index, batch in enumerate(trainer.get_eval_dataloader(dataset)):
+            batch = trainer._prepare_inputs(batch)
+            seed = micro_batch_seed(trainer.args.seed, 2**32 - 1, index, trainer.args.process_index)
+            generator = torch.Generator(device=_device_of(batch)).manual_seed(seed)
+            key, delta, _ = perturbation(model, batch, config, generator, shift)
+            perturbed = batch if key == "input_ids" else {**batch, key: batch[key] + delta}
+            perturbing = (embedding_perturbation(model, batch["input_ids"], delta) if key == "input_ids"
+                          else contextlib.nullcontext())
+            with torch.no_grad(), perturbing:
+                logits = model_logits(model(**perturbed)).float()
+            labels = batch["labels"]
+            if loss_rules.is_token_level(labels):
+                totals[1] += float(loss_rules.summed_token_cross_entropy(logits, labels, shift))
+                totals[2] += float(loss_rules.count_label_tokens(labels, shift))
+            else:
+                totals[0] += float((logits.argmax(-1) == labels).sum())
+                totals[1] += float(F.cross_entropy(logits, labels, reduction="sum"))
+                totals[2] += labels.shape[0]
+    finally:
+        model.train(was_training)
+    correct, loss_sum, count = backends.all_reduce_sum(totals.to(trainer.args.device)).tolist()
+    metrics = {f"{metric_key_prefix}_loss": loss_sum / count}
+    if loss_rules.is_token_level(labels):
+        metrics[f"{metric_key_prefix}_perplexity"] = float(np.exp(loss_sum / count))
+    else:
+        metrics[f"{metric_key_prefix}_accuracy"] = correct / count
+    return metrics
 
 
 def _device_of(inputs: dict) -> torch.device:

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from transformers import HfArgumentParser, ResNetConfig, ResNetForImageClassification, set_seed
 
-from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
+from hf_largebatch import ConAdv, ConAdvConfig, LargeBatchArguments, LargeBatchTrainer
+from hf_largebatch.conadv import evaluate_under_attack
 from hf_largebatch.data.images import ImageClassificationDataset, check_available, load_image_splits
 from hf_largebatch.backends import run_recipe
 from hf_largebatch.reporting import write_summary
@@ -94,6 +95,9 @@ class DataArguments:
     image_size: int | None = field(default=None, metadata={
         "help": "Resize `datasets` images to this square size (needed when their sizes differ)."})
     subset_seed: int = field(default=0, metadata={"help": "Seed of the max_*_samples subsets."})
+    eval_adversarial_args: str | None = field(default=None, metadata={
+        "help": "Also evaluate under this one-step attack ('pixel_epsilon=0.0314', ... as adversarial_args), on the "
+                "final weights: eval_adv_accuracy. Default: the training attack when adversarial is set."})
 
 
 def accuracy(eval_pred) -> dict:
@@ -151,9 +155,15 @@ def main(argv: list[str] | None = None) -> dict:
     train_dataset = ImageClassificationDataset(train_data, splits.mean, splits.std, augmentation, channels)
     eval_dataset = ImageClassificationDataset(eval_data, splits.mean, splits.std, None, channels)
 
+    # ConAdv's pixel_epsilon is converted with this data's normalisation, and x_adv kept a valid image
+    normalisation = {"image_mean": splits.mean, "image_std": splits.std}
+    callbacks = [ConAdv(training_args.conadv_config(**normalisation), training_args.adversarial)] if (
+        training_args.adversarial != "none") else []
+    eval_attack = data_args.eval_adversarial_args or training_args.adversarial_args
+    eval_attack = ConAdvConfig.from_string(eval_attack, **normalisation) if eval_attack else None
     trainer = LargeBatchTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        compute_metrics=accuracy, preprocess_logits_for_metrics=argmax_logits)
+        compute_metrics=accuracy, preprocess_logits_for_metrics=argmax_logits, callbacks=callbacks)
     if training_args.do_train and training_args.dataloader_drop_last and len(train_dataset) < (
             training_args.per_device_train_batch_size * training_args.world_size):
         raise SystemExit(f"error: {len(train_dataset)} training examples cannot fill one batch of "
@@ -167,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_model()
     if training_args.do_eval:
         metrics.update(trainer.evaluate())
+        if eval_attack is not None:
+            metrics.update(evaluate_under_attack(trainer, eval_dataset, eval_attack))
 
     os.makedirs(training_args.output_dir, exist_ok=True)
     model_info = {"name_or_path": model_args.model_name_or_path or f"preset:{model_args.preset}",

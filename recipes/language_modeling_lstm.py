@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, set_seed
 
-from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
+from hf_largebatch import ConAdvConfig, LargeBatchArguments, LargeBatchTrainer
+from hf_largebatch.conadv import evaluate_under_attack
 from hf_largebatch.data.text import LEVELS, Vocabulary, load_lm_corpus
 from hf_largebatch.models import LSTM_PRESETS, LSTMForCausalLM, LSTMLMConfig
 from hf_largebatch.backends import run_recipe
@@ -89,6 +90,10 @@ class DataArguments:
         "help": "Word level: keep the most frequent words (+<unk>) of the training split."})
     lowercase: bool = field(default=False, metadata={"help": "Lower-case a path's text."})
     text_column: str = field(default="text", metadata={"help": "Text column of a datasets folder."})
+    eval_adversarial_args: str | None = field(default=None, metadata={
+        "help": "Also evaluate under this one-step attack on the input embeddings ('epsilon=0.01', ... as "
+                "adversarial_args), on the final weights: eval_adv_perplexity. Default: the training attack when "
+                "adversarial is set."})
 
 
 class LanguageModelingTrainer(LargeBatchTrainer):
@@ -140,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         vocab_path = os.path.join(model_args.model_name_or_path, VOCAB_FILE)
         if os.path.isfile(vocab_path):
             vocab = Vocabulary.load(vocab_path)
+    eval_attack = data_args.eval_adversarial_args or args.adversarial_args
+    eval_attack = ConAdvConfig.from_string(eval_attack) if eval_attack else None  # a bad option fails here
     corpus = load_lm_corpus(data_args.dataset, level=data_args.level, vocab=vocab,
                             max_vocab_size=data_args.max_vocab_size, lowercase=data_args.lowercase,
                             text_column=data_args.text_column)
@@ -155,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     metrics = dict(train_result.metrics)
     metrics.update(trainer.evaluate())
+    if eval_attack is not None:
+        metrics.update(evaluate_under_attack(trainer, valid, eval_attack))
     if args.do_predict and "test" in corpus.splits:
         metrics.update(trainer.evaluate(corpus.chunks("test", data_args.seq_len), metric_key_prefix="test"))
 

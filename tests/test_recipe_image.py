@@ -336,3 +336,28 @@ def test_missing_cifar10_names_path_and_variable(tmp_path, monkeypatch):
     assert str(tmp_path / "cifar10-jpeg") in str(err.value)
     with pytest.raises(FileNotFoundError, match=DATA_ENV):
         image_data.check_available("cifar10")
+
+
+# ------------------------------------------------------------------------------------------------ ConAdv
+@fashion_mnist
+def test_recipe_conadv_pixel_epsilon(tmp_path):
+    """pixel_epsilon is converted with the data's normalisation; the model is evaluated clean and under the attack
+    (accuracy under attack is the lower one), and the run logs the attack's loss."""
+    out = tmp_path / "out"
+    run_recipe([*TINY, "--output_dir", str(out), "--max_train_samples", "1024", "--max_eval_samples", "256",
+                "--per_device_train_batch_size", "64", "--num_train_epochs", "1", "--logging_steps", "4",
+                "--adversarial", "conadv", "--adversarial_args", "pixel_epsilon=0.1"], tmp_path)
+    metrics = read_summary(out)["metrics"]
+    assert metrics["eval_adv_accuracy"] < metrics["eval_accuracy"]
+    assert metrics["eval_adv_loss"] > metrics["eval_loss"]
+    attack_losses = [e["adversarial_attack_loss"] for e in read_summary(out)["log_history"]
+                     if "adversarial_attack_loss" in e]
+    assert len(attack_losses) == 4
+
+
+@fashion_mnist
+def test_recipe_refuses_a_bad_eval_attack_before_training(tmp_path):
+    proc = run_recipe([*TINY, "--output_dir", str(tmp_path / "out"), "--eval_adversarial_args", "radius=0.1"],
+                      tmp_path, check=False)
+    assert proc.returncode != 0 and "valid keys: epsilon" in proc.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()

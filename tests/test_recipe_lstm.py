@@ -322,3 +322,19 @@ def test_missing_data_names_path_and_variable(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=DATA_ENV) as err:
         text_data.load_lm_corpus("tinyshakespeare-word")
     assert str(empty / "tinyshakespeare") in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------ (f) ConAdv
+@needs_ptb
+def test_recipe_conadv_on_embeddings(tmp_path):
+    """ConAdv on a text model: the attack perturbs the LSTM's input embeddings; the final model is evaluated
+    clean and under the same attack (its perplexity must be the worse one)."""
+    out = tmp_path / "out"
+    run_recipe([*SMALL, "--output_dir", str(out), "--use_cpu", "--per_device_train_batch_size", "32",
+                "--max_steps", "10", "--adversarial", "conadv", "--adversarial_args", "epsilon=0.05"])
+    summary = read_summary(out)
+    metrics = summary["metrics"]
+    assert metrics["eval_adv_perplexity"] == pytest.approx(math.exp(metrics["eval_adv_loss"]), rel=1e-9)
+    assert metrics["eval_adv_perplexity"] > metrics["eval_perplexity"]
+    attack_losses = [e["adversarial_attack_loss"] for e in summary["log_history"] if "adversarial_attack_loss" in e]
+    assert len(attack_losses) == 2 and all(math.isfinite(v) for v in attack_losses)
