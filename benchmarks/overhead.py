@@ -7,6 +7,7 @@ allocator state do not favour one side; the child times every optimizer step (``
 step time, and the ratio variant / baseline, with the spread of per-repeat ratios.
 
     python benchmarks/overhead.py --variants plain hf_trainer noise_monitor adascale --steps 60 --repeats 5
+    python benchmarks/overhead.py --variants plain sequential_adv conadv --out benchmarks/results/overhead_adv
 """
 
 from __future__ import annotations
@@ -40,10 +41,15 @@ def _variants():
         "noise_monitor": (LargeBatchTrainer, LargeBatchArguments, lambda batch: [NoiseScaleMonitor()], {}),
         "adascale": (LargeBatchTrainer, LargeBatchArguments, lambda batch: [],
                      {"lr_scaling": "adascale", "base_batch_size_divisor": 8}),
+        # adversarial training: the same one-step attack on stale (ConAdv) or current weights
+        "conadv": (LargeBatchTrainer, LargeBatchArguments, lambda batch: [],
+                   {"adversarial": "conadv", "adversarial_args": "epsilon=0.05"}),
+        "sequential_adv": (LargeBatchTrainer, LargeBatchArguments, lambda batch: [],
+                           {"adversarial": "sequential", "adversarial_args": "epsilon=0.05"}),
     }
 
 
-VARIANTS = ("hf_trainer", "plain", "lr_history", "noise_monitor", "adascale")
+VARIANTS = ("hf_trainer", "plain", "lr_history", "noise_monitor", "adascale", "conadv", "sequential_adv")
 
 
 def _child(variant: str, batch: int, grad_accum: int, steps: int, warmup: int, data: str) -> dict:

@@ -59,3 +59,21 @@ def test_scaling_quick_autowu(tmp_path):
     assert autowu["autowu_curve"][-1][1] == 1  # it reached the decay phase
     assert "AutoWU 2x autowu_lamb: switch at step" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "autowu.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_adversarial_quick(tmp_path):
+    run(["benchmarks/adversarial.py", "--task", "image", "--quick", "--multiple", "2", "--attack",
+         "pixel_epsilon=0.1"], tmp_path)
+    rows = {r["mode"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    assert set(rows) == {"none", "sequential", "conadv"}
+    assert all(r["global_batch"] == 128 and 0 <= r["adversarial_metric"] <= 1 for r in rows.values())
+    assert "--adversarial" not in rows["none"]["command"]
+    assert rows["conadv"]["command"][rows["conadv"]["command"].index("--adversarial") + 1] == "conadv"
+    assert "| 2x linear + conadv | 128 |" in (tmp_path / "table.md").read_text()
+
+
+def test_overhead_quick_conadv(tmp_path):
+    run(["benchmarks/overhead.py", "--quick", "--variants", "plain", "conadv"], tmp_path)
+    conadv = json.loads((tmp_path / "overhead.json").read_text())["variants"]["conadv"]
+    assert all(run["steps_timed"] == 10 for run in conadv["runs"])
+    assert "| conadv |" in (tmp_path / "overhead.md").read_text()

@@ -1,0 +1,87 @@
+"""Quality of adversarial training at a large batch: the same run without attack, with sequential adversarial
+training (attack on the current weights) and with ConAdv (attack on the previous step's weights), each evaluated
+clean and under the same one-step attack. The runs are the scaling benchmark's (``scaling.py``: task data, base LR,
+warm-up, LR rule), with ``--adversarial`` and ``--eval_adversarial_args`` added.
+
+    python benchmarks/adversarial.py --task image --multiple 16 --method linear --attack pixel_epsilon=0.1
+    python benchmarks/adversarial.py --task lstm --multiple 8 --method sqrt --attack epsilon=0.02
+
+Writes ``<out>/results.json`` and ``<out>/table.md`` (default out: benchmarks/results/<task>_adversarial).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scaling  # noqa: E402  (the benchmark scripts are not a package)
+
+MODES = ("none", "sequential", "conadv")
+ADVERSARIAL_METRIC = {"eval_accuracy": "eval_adv_accuracy", "eval_perplexity": "eval_adv_perplexity"}
+
+
+def run_all(opts) -> list[dict]:
+    task = scaling.TASKS[opts.task]
+    epochs = opts.epochs or task["epochs"]
+    out = Path(opts.out or f"benchmarks/results/{opts.task}_adversarial")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for mode in MODES:
+        label = f"{opts.multiple}x {opts.method}" + ("" if mode == "none" else f" + {mode}")
+        run_dir = out / "runs" / label.replace(" ", "_").replace("+_", "")
+        extra = ["--eval_adversarial_args", opts.attack]
+        if mode != "none":
+            extra += ["--adversarial", mode, "--adversarial_args", opts.attack]
+        cmd = scaling.recipe_command(task, opts.multiple, opts.method, epochs, run_dir, extra, opts.quick)
+        print(f"[{label}] {' '.join(cmd)}", flush=True)
+        wall = scaling.run_one(cmd, out / f"{run_dir.name}.log")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        metric = task["metric"]
+        rows.append({"run": label, "mode": mode, "global_batch": summary["global_batch_size"],
+                     "metric": summary["metrics"][metric],
+                     "adversarial_metric": summary["metrics"][ADVERSARIAL_METRIC[metric]],
+                     "optimizer_steps": summary["optimizer_steps"], "wall_s": wall, "command": cmd})
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    table = to_markdown(rows, task["metric"], opts.attack)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    return rows
+
+
+def to_markdown(rows: list[dict], metric: str, attack: str) -> str:
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
+    lines = [f"Attack `{attack}` (one signed-gradient step, random start); {machine}.", "",
+             f"| run | global batch | {metric} (clean) | {ADVERSARIAL_METRIC[metric]} (under attack) | optimizer steps "
+             "| wall time (s) |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['global_batch']} | {r['metric']:.4g} | {r['adversarial_metric']:.4g} | "
+                     f"{r['optimizer_steps']} | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=[t for t, spec in scaling.TASKS.items() if spec["metric"] in ADVERSARIAL_METRIC],
+                   required=True)
+    p.add_argument("--multiple", type=int, default=16, help="global batch = multiple x the task's base batch")
+    p.add_argument("--method", default="linear", choices=("linear", "sqrt", "legw"), help="LR scaling rule")
+    p.add_argument("--attack", required=True, help="adversarial_args of the attack, e.g. pixel_epsilon=0.1")
+    p.add_argument("--epochs", type=float, help="epoch budget (default: the task's)")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--quick", action="store_true", help="CI smoke test: the task's data subset")
+    opts = p.parse_args(argv)
+    if opts.quick:
+        opts.epochs = opts.epochs or 1
+    run_all(opts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
