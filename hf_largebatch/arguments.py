@@ -10,6 +10,7 @@ from transformers.training_args import OptimizerNames
 from . import backends
 from .autowu import AutoWUConfig
 from .conadv import ADVERSARIAL_MODES, ConAdvConfig
+from .extrapolation import EXTRAPOLATIONS
 from .loss import LOSS_NORMALIZATIONS
 from .optimizers import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
 from .scaling import SCALING_RULES, check_rule
@@ -82,6 +83,18 @@ class LargeBatchArguments(TrainingArguments):
                           "(false), input_name (auto)."},
     )
 
+    extrapolation: str = field(
+        default="none",
+        metadata={"help": "EXTRAP-SGD: take each step's gradient at x - gamma d and update from x, with d the local "
+                          "gradient of the step's first micro-batch ('fresh'), the previous step's gradient ('past') "
+                          "or Gaussian noise ('noise'). Pair with optim sgd, optim_args 'momentum=0.9,nesterov=True'.",
+                  "choices": list(EXTRAPOLATIONS)},
+    )
+    extrapolation_ratio: float = field(
+        default=1.0,
+        metadata={"help": "gamma_t = extrapolation_ratio x the step's scheduled learning rate."},
+    )
+
     def __post_init__(self):
         check_rule(self.lr_scaling)
         self.check_lr_schedule()
@@ -104,8 +117,9 @@ class LargeBatchArguments(TrainingArguments):
         ds_config = backends.load_deepspeed_config(self.deepspeed)
         backends.check_deepspeed_config(ds_config)
         self.check_adversarial()
+        self.check_extrapolation()
         backends.check_algorithms_on_deepspeed(self.lr_scaling, str(getattr(self.optim, "value", self.optim)),
-                                               ds_config, self.adversarial)
+                                               ds_config, self.adversarial, self.extrapolation)
         if ds_config is not None:
             self.accelerator_config = backends.prepare_cpu_deepspeed(self.accelerator_config)
         # TrainingArguments accepts only its own optimizer names: validate ours here and hand it a stand-in
@@ -146,6 +160,16 @@ class LargeBatchArguments(TrainingArguments):
                 raise ValueError("adversarial_args is set but adversarial is 'none'")
             return
         self.conadv_config()  # parse now: a bad key or a missing epsilon fails before any work
+
+    def check_extrapolation(self) -> None:
+        if self.extrapolation not in EXTRAPOLATIONS:
+            raise ValueError(f"unknown extrapolation={self.extrapolation!r}; choose one of "
+                             f"{', '.join(EXTRAPOLATIONS)}")
+        if self.extrapolation_ratio <= 0:
+            raise ValueError(f"extrapolation_ratio must be > 0, got {self.extrapolation_ratio}")
+        if self.extrapolation != "none" and self.adversarial != "none":
+            raise ValueError("extrapolation and adversarial training cannot be combined: the adversarial attack would "
+                             "copy the extrapolated weights x~ as its 'previous step' weights")
 
     def conadv_config(self, **extra) -> ConAdvConfig:
         """The attack of ``adversarial_args``; ``extra`` adds what the data knows (``image_mean``, ``image_std``)."""

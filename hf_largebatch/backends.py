@@ -75,12 +75,20 @@ def check_deepspeed_config(config: dict[str, Any] | None) -> None:
 
 
 def check_algorithms_on_deepspeed(lr_scaling: str, optim: str, config: dict[str, Any] | None,
-                                  adversarial: str = "none") -> None:
+                                  adversarial: str = "none", extrapolation: str = "none") -> None:
     """Refuse combinations whose maths needs each parameter's own optimizer state, which a DeepSpeed ZeRO client
-    optimizer holds only as flattened shards (they would run, silently computing something else), and ConAdv's
-    full model copy under ZeRO-3."""
+    optimizer holds only as flattened shards (they would run, silently computing something else), ConAdv's
+    full model copy and EXTRAP-SGD's in-place extrapolation under ZeRO-3, and EXTRAP-SGD's 'past' gradients."""
     if not config:
         return
+    if extrapolation != "none" and zero_stage(config) == 3:
+        raise ValueError(
+            f"extrapolation={extrapolation!r} is not supported under DeepSpeed ZeRO-3: the extrapolated point is set "
+            "on the module's parameters, which ZeRO-3 partitions across ranks. Use ZeRO-1/2 or DDP.")
+    if extrapolation == "past":
+        raise ValueError(
+            "extrapolation='past' is not supported under DeepSpeed: it keeps each parameter's reduced gradient, which "
+            "ZeRO holds as partitioned flat buffers. Use extrapolation='fresh' (or DDP).")
     if adversarial != "none" and zero_stage(config) == 3:
         raise ValueError(
             f"adversarial={adversarial!r} is not supported under DeepSpeed ZeRO-3: the attack runs on a full copy of "

@@ -27,6 +27,7 @@ from .adascale import AdaScale
 from .algorithm import EVENTS, Algorithm
 from .autowu import AutoWU
 from .conadv import ConAdv, micro_batch_seed
+from .extrapolation import Extrapolation, local_gradient, noise_seed
 from .optimizers import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
 from .scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier
 
@@ -34,7 +35,7 @@ ALGORITHM_STATE_FILE = "hf_largebatch_algorithms_rank{rank}.pt"
 
 _DEFAULTS = {"lr_scaling": "none", "base_batch_size": None, "legw_base_warmup_epochs": 0.0,
              "loss_normalization": "auto", "lr_schedule": "hf", "autowu_args": None,
-             "adversarial": "none"}
+             "adversarial": "none", "extrapolation": "none"}
 
 
 class LargeBatchTrainer(Trainer):
@@ -63,6 +64,7 @@ class LargeBatchTrainer(Trainer):
         self._lr_applied_fired = False
         self._grad_hook_handles: list = []
         self._unscaled_group_lrs: list | None = None
+        self._muted_hooks = False
         if self._option("lr_scaling") == "adascale" and self._adascale() is None:
             self.add_callback(AdaScale())
         if self._option("lr_schedule") == "autowu" and self._autowu() is None:
@@ -74,6 +76,8 @@ class LargeBatchTrainer(Trainer):
                                  "callbacks=[ConAdv(args.conadv_config(image_mean=..., image_std=...), "
                                  "args.adversarial)] (the image recipe does), or give epsilon in input units")
             self.add_callback(ConAdv(config, self.args.adversarial))
+        if self._option("extrapolation") != "none" and self._extrapolation() is None:
+            self.add_callback(Extrapolation(self.args.extrapolation, self.args.extrapolation_ratio))
         self._index_listeners()
 
     # ------------------------------------------------------------------ options and algorithms
@@ -103,6 +107,9 @@ class LargeBatchTrainer(Trainer):
 
     def _conadv(self) -> ConAdv | None:
         return next((alg for alg in self.algorithms if isinstance(alg, ConAdv)), None)
+
+    def _extrapolation(self) -> Extrapolation | None:
+        return next((alg for alg in self.algorithms if isinstance(alg, Extrapolation)), None)
 
     # ------------------------------------------------------------------ optimizer and LR ownership
     def create_optimizer(self, model=None):
@@ -182,6 +189,9 @@ class LargeBatchTrainer(Trainer):
 
     def _before_optimizer_step(self, optimizer, args, kwargs):
         # Under DeepSpeed ZeRO this runs once per param group (the engine steps groups one by one).
+        extrapolation = self._extrapolation()
+        if extrapolation is not None:  # back from x~ to x before the update (idempotent)
+            extrapolation.finish()
         if not self._reduced_fired and self._wanted("on_reduced_gradients"):
             self._fire_reduced_gradients(self.model)
         factor = 1.0
@@ -282,6 +292,8 @@ class LargeBatchTrainer(Trainer):
             self._reduced_fired = False
             self._lr_applied_fired = False
             self._step_loss_sum = None
+            if self._extrapolation() is not None:
+                self._extrapolate(model, inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step_loss_sum = loss if self._step_loss_sum is None else self._step_loss_sum + loss
         last = self.accelerator.sync_gradients
@@ -296,6 +308,38 @@ class LargeBatchTrainer(Trainer):
                 total = backends.all_reduce_sum(self._step_loss_sum.detach().float().clone())
                 self._fire("on_step_loss", loss=total.item() / self.args.world_size)
         return loss
+
+    def _extrapolate(self, model, inputs) -> None:
+        """EXTRAP-SGD: move the weights to x~ before the step's micro-batches (extrapolation.py)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        params = [p for p in unwrapped.parameters() if p.requires_grad]
+        seed = noise_seed(self.args.seed, self.state.global_step, self.args.process_index)
+        extrapolation = self._extrapolation()
+        direction = extrapolation.direction(params, lambda: self._local_gradient(unwrapped, inputs, params), seed)
+        extrapolation.begin(params, self.lr_scheduler.get_last_lr()[0], direction)
+
+    def _local_gradient(self, model, inputs, params) -> list[torch.Tensor]:
+        """This rank's gradient of its micro-batch's mean loss (extrapolation.local_gradient: no collective)."""
+        inputs = self._prepare_inputs(inputs)
+        self._muted_hooks = True  # algorithms' on_local_gradient must not see this pass
+        try:
+            with self.compute_loss_context_manager():
+                return local_gradient(model, params, lambda: self._mean_loss(model, inputs))
+        finally:
+            self._muted_hooks = False
+
+    def _mean_loss(self, model, inputs) -> torch.Tensor:
+        """The micro-batch's own mean loss: per example, or per label token under the token rule."""
+        labels = inputs.get("labels")
+        if self._loss_mode(labels) != "tokens":
+            outputs = model(**inputs)
+            return outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        plain = {k: v for k, v in inputs.items() if k != "labels"} if self._shifts_labels else inputs
+        outputs = model(**plain)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0 if plain is not inputs else 1]
+        summed = loss_rules.summed_token_cross_entropy(logits, labels, self._shifts_labels,
+                                                       self.args.label_smoothing_factor)
+        return summed / loss_rules.count_label_tokens(labels, self._shifts_labels).clamp(min=1)
 
     def _fire_reduced_gradients(self, model) -> None:
         self._reduced_fired = True
@@ -355,6 +399,8 @@ class LargeBatchTrainer(Trainer):
             self._grad_hook_handles = []
 
     def _on_local_grad(self, name, param, grad):
+        if self._muted_hooks:
+            return
         self._fire("on_local_gradient", name=name, param=param, grad=grad, weight=self._micro_weight)
 
     # ------------------------------------------------------------------ logging

@@ -1,0 +1,131 @@
+"""EXTRAP-SGD (Lin et al., ICML 2020): take each step's gradient at an extrapolated point.
+
+One optimizer step of ``LargeBatchTrainer`` with ``extrapolation`` set::
+
+    d  = the extrapolation direction, on each rank, without any collective:
+           fresh  the local gradient of this rank's first micro-batch of the step, at x (the samples are the step's
+                  own: the HF loop hands out a step's batches, so no extra ones are drawn)
+           past   the previous step's reduced (clipped) gradient (no extra pass; none on the first step)
+           noise  a standard Gaussian draw, seeded by (seed, step, rank)
+    x~ = x - gamma_t d              in place; gamma_t = extrapolation_ratio x the step's scheduled LR
+    h  = the usual all-reduced gradient of the step's micro-batches, computed at x~
+    x  <- restored exactly (in place, a saved copy), then the optimizer's update from x with h
+
+so the scheduler, the loss scaler and the optimizer state advance once per step, and a checkpoint never holds x~.
+The extrapolation pass runs on the unwrapped model with ``torch.autograd.grad``: no ``.grad`` is written, no DDP or
+DeepSpeed hook fires, and BatchNorm buffers are restored after it (the running statistics move once per micro-batch
+of the real pass, as without extrapolation). Pair it with Nesterov SGD (``optim="sgd", optim_args="momentum=0.9,
+nesterov=True"``) for the paper's method; any optimizer works.
+
+Under DeepSpeed ZeRO-1/2 the optimizer updates its own fp32 partitions (holding x) and then overwrites the module's
+parameters, so x~ never reaches the update there either; ``past`` needs readable gradients and is refused under
+DeepSpeed, and ZeRO-3 (partitioned parameters) is refused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .algorithm import Algorithm
+
+EXTRAPOLATIONS = ("none", "fresh", "past", "noise")
+
+
+def extrapolate_(params: list[torch.Tensor], direction: list[torch.Tensor], gamma: float) -> list[torch.Tensor]:
+    """``x <- x - gamma d`` in place; returns the saved ``x`` (clones) for ``restore_``."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        torch._foreach_add_([p.detach() for p in params], [d.to(p.dtype) for d, p in zip(direction, params)],
+                            alpha=-gamma)
+    return saved
+
+
+@torch.no_grad()
+def restore_(tensors: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    """Exactly the saved values, in place (the optimizer and DDP keep referring to the same tensors)."""
+    torch._foreach_copy_([t.detach() for t in tensors], saved)
+
+
+def local_gradient(model: torch.nn.Module, params: list[torch.Tensor], loss_of) -> list[torch.Tensor]:
+    """Gradient of ``loss_of()`` (a forward of ``model``, the *unwrapped* module) with respect to ``params``, by
+    ``torch.autograd.grad``: no ``.grad`` is written and no DDP/DeepSpeed gradient hook fires, so no collective
+    runs; the module's buffers (BatchNorm running statistics) are put back as they were."""
+    buffers = list(model.buffers())
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        grads = torch.autograd.grad(loss_of(), params, allow_unused=True)
+    finally:
+        if buffers:
+            restore_(buffers, saved)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def noise_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank, 7]).generate_state(1)[0])
+
+
+class Extrapolation(Algorithm):
+    """The state of EXTRAP-SGD between the two points of a step (x saved while the model sits at x~) and across
+    steps (the ``past`` direction, checkpointed). ``LargeBatchTrainer`` drives it: ``begin`` before the step's first
+    micro-batch, ``finish`` inside ``optimizer.step`` before the update (or at ``on_step_end`` if the update was
+    skipped, e.g. an fp16 overflow)."""
+
+    name = "extrapolation"
+
+    def __init__(self, mode: str, ratio: float = 1.0):
+        if mode not in EXTRAPOLATIONS[1:]:
+            raise ValueError(f"unknown extrapolation={mode!r}; choose one of {', '.join(EXTRAPOLATIONS)}")
+        if ratio <= 0:
+            raise ValueError(f"extrapolation_ratio must be > 0, got {ratio}")
+        self.mode = mode
+        self.ratio = ratio
+        self.past: list[torch.Tensor] | None = None
+        self._saved: list[torch.Tensor] | None = None
+        self._params: list[torch.Tensor] = []
+        self._distance = 0.0
+
+    def begin(self, params: list[torch.Tensor], lr: float, direction: list[torch.Tensor] | None) -> None:
+        """Move ``params`` to x~ (no-op when ``direction`` is None, e.g. ``past`` on the first step)."""
+        self._params = params
+        if direction is None:
+            self._saved, self._distance = None, 0.0
+            return
+        gamma = self.ratio * lr
+        self._saved = extrapolate_(params, direction, gamma)
+        self._distance = gamma * torch.stack([n.float() for n in torch._foreach_norm(direction)]).norm()
+
+    def direction(self, params: list[torch.Tensor], local_gradient, seed: int) -> list[torch.Tensor] | None:
+        if self.mode == "fresh":
+            return local_gradient()
+        if self.mode == "past":
+            return self.past
+        generator = torch.Generator(device=params[0].device).manual_seed(seed)
+        return [torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) for p in params]
+
+    def finish(self) -> None:
+        """Before the update: back to x exactly; remember the step's gradient for ``past``."""
+        if self._saved is not None:
+            restore_(self._params, self._saved)
+            self._saved = None
+        if self.mode == "past" and self._params:
+            grads = [p.grad for p in self._params]
+            if any(g is None for g in grads):
+                raise RuntimeError("extrapolation='past' needs every parameter's reduced gradient")
+            self.past = [g.detach().float().clone() for g in grads]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._saved is not None:  # the optimizer skipped its update (fp16 overflow): the weights must be x again
+            restore_(self._params, self._saved)
+            self._saved = None
+
+    def log_metrics(self) -> dict[str, float]:
+        """``extrapolation_distance``: ||x~ - x|| = gamma ||d|| of the last step."""
+        return {"extrapolation_distance": float(self._distance)}
+
+    def state_dict(self) -> dict:
+        return {} if self.past is None else {"past": list(self.past)}
+
+    def load_state_dict(self, state: dict) -> None:
+        past = state.get("past")
+        self.past = None if past is None else [t.clone() for t in past]
