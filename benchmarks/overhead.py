@@ -8,6 +8,7 @@ step time, and the ratio variant / baseline, with the spread of per-repeat ratio
 
     python benchmarks/overhead.py --variants plain hf_trainer noise_monitor adascale --steps 60 --repeats 5
     python benchmarks/overhead.py --variants plain sequential_adv conadv --out benchmarks/results/overhead_adv
+    python benchmarks/overhead.py --variants plain extrap_fresh extrap_past --out benchmarks/results/overhead_extrap
 """
 
 from __future__ import annotations
@@ -46,10 +47,14 @@ def _variants():
                    {"adversarial": "conadv", "adversarial_args": "epsilon=0.05"}),
         "sequential_adv": (LargeBatchTrainer, LargeBatchArguments, lambda batch: [],
                            {"adversarial": "sequential", "adversarial_args": "epsilon=0.05"}),
+        # EXTRAP-SGD: a local forward/backward a step (fresh) or none (past)
+        "extrap_fresh": (LargeBatchTrainer, LargeBatchArguments, lambda batch: [], {"extrapolation": "fresh"}),
+        "extrap_past": (LargeBatchTrainer, LargeBatchArguments, lambda batch: [], {"extrapolation": "past"}),
     }
 
 
-VARIANTS = ("hf_trainer", "plain", "lr_history", "noise_monitor", "adascale", "conadv", "sequential_adv")
+VARIANTS = ("hf_trainer", "plain", "lr_history", "noise_monitor", "adascale", "conadv", "sequential_adv",
+            "extrap_fresh", "extrap_past")
 
 
 def _child(variant: str, batch: int, grad_accum: int, steps: int, warmup: int, data: str) -> dict:
