@@ -351,6 +351,7 @@ def evaluate_under_attack(trainer, dataset, config: ConAdvConfig, metric_key_pre
     model.eval()
     shift = loss_rules.shifts_labels(model)
     totals = torch.zeros(3, dtype=torch.float64)  # correct (or 0), loss sum, examples (or label tokens)
+    token_level = False
     try:
         for index, batch in enumerate(trainer.get_eval_dataloader(dataset)):
             batch = trainer._prepare_inputs(batch)
@@ -363,7 +364,8 @@ def evaluate_under_attack(trainer, dataset, config: ConAdvConfig, metric_key_pre
             with torch.no_grad(), perturbing:
                 logits = model_logits(model(**perturbed)).float()
             labels = batch["labels"]
-            if loss_rules.is_token_level(labels):
+            token_level = loss_rules.is_token_level(labels)
+            if token_level:
                 totals[1] += float(loss_rules.summed_token_cross_entropy(logits, labels, shift))
                 totals[2] += float(loss_rules.count_label_tokens(labels, shift))
             else:
@@ -373,8 +375,10 @@ def evaluate_under_attack(trainer, dataset, config: ConAdvConfig, metric_key_pre
     finally:
         model.train(was_training)
     correct, loss_sum, count = backends.all_reduce_sum(totals.to(trainer.args.device)).tolist()
+    if not count:
+        raise ValueError("evaluate_under_attack: the evaluation dataset is empty")
     metrics = {f"{metric_key_prefix}_loss": loss_sum / count}
-    if loss_rules.is_token_level(labels):
+    if token_level:
         metrics[f"{metric_key_prefix}_perplexity"] = float(np.exp(loss_sum / count))
     else:
         metrics[f"{metric_key_prefix}_accuracy"] = correct / count

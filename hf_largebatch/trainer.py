@@ -89,8 +89,10 @@ class LargeBatchTrainer(Trainer):
         return [cb for cb in self.callback_handler.callbacks if isinstance(cb, Algorithm)]
 
     def _index_listeners(self) -> None:
-        """Which algorithms override which extra event, looked up once per ``train()``, not per gradient hook."""
+        """Which algorithms override which extra event (and the ConAdv / EXTRAP-SGD algorithms the step drives),
+        looked up once per ``train()``, not per micro-batch or gradient hook."""
         self._listeners = {event: [alg for alg in self.algorithms if alg.overrides(event)] for event in EVENTS}
+        self._adversary, self._extrapolator = self._conadv(), self._extrapolation()
 
     def _fire(self, event: str, **kwargs) -> None:
         for alg in self._listeners[event]:
@@ -189,9 +191,8 @@ class LargeBatchTrainer(Trainer):
 
     def _before_optimizer_step(self, optimizer, args, kwargs):
         # Under DeepSpeed ZeRO this runs once per param group (the engine steps groups one by one).
-        extrapolation = self._extrapolation()
-        if extrapolation is not None:  # back from x~ to x before the update (idempotent)
-            extrapolation.finish()
+        if self._extrapolator is not None:  # back from x~ to x before the update (idempotent)
+            self._extrapolator.finish()
         if not self._reduced_fired and self._wanted("on_reduced_gradients"):
             self._fire_reduced_gradients(self.model)
         factor = 1.0
@@ -247,11 +248,10 @@ class LargeBatchTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training or self.compute_loss_func is not None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        adversary = self._conadv()
-        if adversary is None:
+        if self._adversary is None:
             return self._training_loss(model, inputs, return_outputs, num_items_in_batch)
         # ConAdv: the loss of [clean; adversarial], with the clean batch's normalisation (mean of the two halves)
-        batch, perturbing = adversary.training_batch(
+        batch, perturbing = self._adversary.training_batch(
             self.accelerator.unwrap_model(model), inputs,
             seed=micro_batch_seed(self.args.seed, self.state.global_step, self._micro_step, self.args.process_index),
             last_micro_batch=self._micro_step == self.current_gradient_accumulation_steps - 1,
@@ -270,12 +270,7 @@ class LargeBatchTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs)
         if num_items_in_batch is None:
             raise ValueError("loss_normalization='tokens' needs integer per-token `labels` in every batch")
-        # A decoder-only LM needs its labels only for its own loss, which we recompute: do not compute it twice.
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"} if self._shifts_labels else inputs
-        outputs = model(**model_inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0 if model_inputs is not inputs else 1]
-        summed = loss_rules.summed_token_cross_entropy(logits, labels, self._shifts_labels,
-                                                       self.args.label_smoothing_factor)
+        summed, outputs = self._summed_token_loss(model, inputs)
         world = self.args.world_size
         # Sum over this micro-batch / tokens of the whole global batch; x world undoes the ranks' averaging.
         loss = summed * world / (num_items_in_batch * copies)
@@ -292,7 +287,7 @@ class LargeBatchTrainer(Trainer):
             self._reduced_fired = False
             self._lr_applied_fired = False
             self._step_loss_sum = None
-            if self._extrapolation() is not None:
+            if self._extrapolator is not None:
                 self._extrapolate(model, inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step_loss_sum = loss if self._step_loss_sum is None else self._step_loss_sum + loss
@@ -314,9 +309,8 @@ class LargeBatchTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         params = [p for p in unwrapped.parameters() if p.requires_grad]
         seed = noise_seed(self.args.seed, self.state.global_step, self.args.process_index)
-        extrapolation = self._extrapolation()
-        direction = extrapolation.direction(params, lambda: self._local_gradient(unwrapped, inputs, params), seed)
-        extrapolation.begin(params, self.lr_scheduler.get_last_lr()[0], direction)
+        direction = self._extrapolator.direction(params, lambda: self._local_gradient(unwrapped, inputs, params), seed)
+        self._extrapolator.begin(params, self.lr_scheduler.get_last_lr()[0], direction)
 
     def _local_gradient(self, model, inputs, params) -> list[torch.Tensor]:
         """This rank's gradient of its micro-batch's mean loss (extrapolation.local_gradient: no collective)."""
@@ -334,12 +328,18 @@ class LargeBatchTrainer(Trainer):
         if self._loss_mode(labels) != "tokens":
             outputs = model(**inputs)
             return outputs["loss"] if isinstance(outputs, dict) else outputs[0]
-        plain = {k: v for k, v in inputs.items() if k != "labels"} if self._shifts_labels else inputs
-        outputs = model(**plain)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0 if plain is not inputs else 1]
-        summed = loss_rules.summed_token_cross_entropy(logits, labels, self._shifts_labels,
-                                                       self.args.label_smoothing_factor)
+        summed, _ = self._summed_token_loss(model, inputs)
         return summed / loss_rules.count_label_tokens(labels, self._shifts_labels).clamp(min=1)
+
+    def _summed_token_loss(self, model, inputs):
+        """(sum of the micro-batch's token cross-entropies, the model's outputs)."""
+        # A decoder-only LM needs its labels only for its own loss, which we recompute: do not compute it twice.
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"} if self._shifts_labels else inputs
+        outputs = model(**model_inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0 if model_inputs is not inputs else 1]
+        summed = loss_rules.summed_token_cross_entropy(logits, inputs["labels"], self._shifts_labels,
+                                                       self.args.label_smoothing_factor)
+        return summed, outputs
 
     def _fire_reduced_gradients(self, model) -> None:
         self._reduced_fired = True
@@ -372,7 +372,7 @@ class LargeBatchTrainer(Trainer):
         if self._adascale() is not None and self._option("lr_scaling") != "adascale":
             raise ValueError("an AdaScale callback needs lr_scaling='adascale' (it owns the LR gain and progress); "
                              f"got lr_scaling={self._option('lr_scaling')!r}")
-        adversary = self._conadv()
+        adversary = self._adversary
         if adversary is not None and adversary.mode != self._option("adversarial"):
             raise ValueError(f"a ConAdv callback in mode {adversary.mode!r} needs adversarial={adversary.mode!r}; "
                              f"got adversarial={self._option('adversarial')!r}")
