@@ -9,6 +9,7 @@ from transformers.training_args import OptimizerNames
 
 from . import backends
 from .autowu import AutoWUConfig
+from .batching import ADAPTIVE_TESTS, AdaptiveBatchConfig
 from .conadv import ADVERSARIAL_MODES, ConAdvConfig
 from .extrapolation import EXTRAPOLATIONS
 from .loss import LOSS_NORMALIZATIONS
@@ -95,6 +96,27 @@ class LargeBatchArguments(TrainingArguments):
         metadata={"help": "gamma_t = extrapolation_ratio x the step's scheduled learning rate."},
     )
 
+    adaptive_batch: str = field(
+        default="none",
+        metadata={"help": "Adaptive batch size: grow the global batch (by raising gradient accumulation at a step "
+                          "boundary) when the 'norm' test (tr(Sigma)/b > eta^2 ||G||^2), the 'inner_product' test "
+                          "or the 'augmented' (inner product + orthogonality) test says so; 'none' keeps it fixed. "
+                          "The LR schedule and the budget then count samples.",
+                  "choices": list(ADAPTIVE_TESTS)},
+    )
+    adaptive_batch_args: str | None = field(
+        default=None,
+        metadata={"help": "The test as 'key=value,...': max_batch_size (required), eta (0.1), theta (0.5), nu (1.0), "
+                          "test_examples per rank for the per-example tests (8), smoothing (EMA, 0.9), "
+                          "test_interval in steps (1)."},
+    )
+    local_sgd_steps: int = field(
+        default=0,
+        metadata={"help": "Local SGD: each rank takes this many optimizer steps on its own gradients between "
+                          "parameter averages (0: off, gradients are all-reduced every step). With adaptive_batch "
+                          "the test runs at every synchronisation and grows the local batches."},
+    )
+
     def __post_init__(self):
         check_rule(self.lr_scaling)
         self.check_lr_schedule()
@@ -118,6 +140,7 @@ class LargeBatchArguments(TrainingArguments):
         backends.check_deepspeed_config(ds_config)
         self.check_adversarial()
         self.check_extrapolation()
+        self.check_adaptive_batch(ds_config)
         backends.check_algorithms_on_deepspeed(self.lr_scaling, str(getattr(self.optim, "value", self.optim)),
                                                ds_config, self.adversarial, self.extrapolation)
         if ds_config is not None:
@@ -170,6 +193,36 @@ class LargeBatchArguments(TrainingArguments):
         if self.extrapolation != "none" and self.adversarial != "none":
             raise ValueError("extrapolation and adversarial training cannot be combined: the adversarial attack would "
                              "copy the extrapolated weights x~ as its 'previous step' weights")
+
+    def check_adaptive_batch(self, ds_config) -> None:
+        if self.adaptive_batch not in ADAPTIVE_TESTS:
+            raise ValueError(f"unknown adaptive_batch={self.adaptive_batch!r}; choose one of "
+                             f"{', '.join(ADAPTIVE_TESTS)}")
+        if self.local_sgd_steps < 0:
+            raise ValueError(f"local_sgd_steps must be >= 0, got {self.local_sgd_steps}")
+        if self.adaptive_batch == "none":
+            if self.adaptive_batch_args:
+                raise ValueError("adaptive_batch_args is set but adaptive_batch is 'none'")
+        else:
+            self.adaptive_batch_config()  # parse now: a bad key or a missing max_batch_size fails before any work
+        for option, active in (("adaptive_batch", self.adaptive_batch != "none"),
+                               ("local_sgd_steps", self.local_sgd_steps > 0)):
+            if not active:
+                continue
+            if ds_config is not None:
+                raise ValueError(f"{option} is not supported under DeepSpeed: the engine fixes gradient accumulation "
+                                 "and its gradient reduction at initialisation. Use DDP (accelerate launch / torchrun)")
+            others = {"lr_scaling='adascale'": self.lr_scaling == "adascale",
+                      "lr_schedule='autowu'": self.lr_schedule == "autowu",
+                      f"adversarial={self.adversarial!r}": self.adversarial != "none",
+                      f"extrapolation={self.extrapolation!r}": self.extrapolation != "none"}
+            clash = [name for name, on in others.items() if on]
+            if clash:
+                raise ValueError(f"{option} cannot be combined with {', '.join(clash)} (both change what one "
+                                 "optimizer step is); use lr_scaling none | linear | sqrt | legw with it")
+
+    def adaptive_batch_config(self) -> AdaptiveBatchConfig:
+        return AdaptiveBatchConfig.from_string(self.adaptive_batch_args)
 
     def conadv_config(self, **extra) -> ConAdvConfig:
         """The attack of ``adversarial_args``; ``extra`` adds what the data knows (``image_mean``, ``image_std``)."""

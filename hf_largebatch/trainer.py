@@ -13,6 +13,7 @@ What it adds to ``Trainer`` (same constructor):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from functools import partial
@@ -26,6 +27,7 @@ from . import loss as loss_rules
 from .adascale import AdaScale
 from .algorithm import EVENTS, Algorithm
 from .autowu import AutoWU
+from .batching import EXAMPLE_TESTS, AdaptiveBatch, LocalSGD
 from .conadv import ConAdv, micro_batch_seed
 from .extrapolation import Extrapolation, local_gradient, noise_seed
 from .optimizers import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
@@ -35,7 +37,16 @@ ALGORITHM_STATE_FILE = "hf_largebatch_algorithms_rank{rank}.pt"
 
 _DEFAULTS = {"lr_scaling": "none", "base_batch_size": None, "legw_base_warmup_epochs": 0.0,
              "loss_normalization": "auto", "lr_schedule": "hf", "autowu_args": None,
-             "adversarial": "none", "extrapolation": "none"}
+             "adversarial": "none", "extrapolation": "none", "adaptive_batch": "none", "local_sgd_steps": 0}
+
+
+class _StepBatches(list):
+    """The micro-batches of one optimizer step, handed to ``training_step`` as one input (adaptive batch sizes:
+    the HF loop then runs with an accumulation of 1 and the step's accumulation is ours to choose)."""
+
+
+def _num_examples(batch) -> int:
+    return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
 
 
 class LargeBatchTrainer(Trainer):
@@ -78,6 +89,12 @@ class LargeBatchTrainer(Trainer):
             self.add_callback(ConAdv(config, self.args.adversarial))
         if self._option("extrapolation") != "none" and self._extrapolation() is None:
             self.add_callback(Extrapolation(self.args.extrapolation, self.args.extrapolation_ratio))
+        if self._option("adaptive_batch") != "none" and self._find(AdaptiveBatch) is None:
+            self.add_callback(AdaptiveBatch(self.args.adaptive_batch, self.args.adaptive_batch_config(),
+                                            self._option("lr_scaling"), base, self._option("local_sgd_steps")))
+        if self._option("local_sgd_steps") and self._find(LocalSGD) is None:
+            self.add_callback(LocalSGD(self.args.local_sgd_steps))
+        self._test_inputs = None
         self._index_listeners()
 
     # ------------------------------------------------------------------ options and algorithms
@@ -93,6 +110,7 @@ class LargeBatchTrainer(Trainer):
         looked up once per ``train()``, not per micro-batch or gradient hook."""
         self._listeners = {event: [alg for alg in self.algorithms if alg.overrides(event)] for event in EVENTS}
         self._adversary, self._extrapolator = self._conadv(), self._extrapolation()
+        self._adaptive, self._local_sgd = self._find(AdaptiveBatch), self._find(LocalSGD)
 
     def _fire(self, event: str, **kwargs) -> None:
         for alg in self._listeners[event]:
@@ -100,6 +118,9 @@ class LargeBatchTrainer(Trainer):
 
     def _wanted(self, event: str) -> bool:
         return bool(self._listeners[event])
+
+    def _find(self, kind: type) -> Algorithm | None:
+        return next((alg for alg in self.algorithms if isinstance(alg, kind)), None)
 
     def _adascale(self) -> AdaScale | None:
         return next((alg for alg in self.algorithms if isinstance(alg, AdaScale)), None)
@@ -147,7 +168,7 @@ class LargeBatchTrainer(Trainer):
 
     def _update_steps_per_epoch(self) -> int:
         micro_batches = len(self.get_train_dataloader())
-        ga = self.args.gradient_accumulation_steps
+        ga = self._adaptive.initial_accumulation if self._adaptive is not None else self.args.gradient_accumulation_steps
         return max(micro_batches // ga + int(micro_batches % ga > 0), 1)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -157,6 +178,9 @@ class LargeBatchTrainer(Trainer):
                                  "scheduler in `optimizers=(optimizer, scheduler)`; use lr_scheduler_type instead")
             return self.lr_scheduler
         optimizer = optimizer if optimizer is not None else self.optimizer
+        adaptive = self._adaptive
+        if adaptive is not None:  # the schedule counts samples, in steps of the initial batch
+            num_training_steps = math.ceil(adaptive.budget_micro_batches / adaptive.initial_accumulation)
         multiplier, warmup = self.lr_plan(num_training_steps)
         # The scheduler's base LR is the scaled peak: warm-up and decay then act on it, in one LambdaLR. The
         # unscaled LR is kept in the group so that a second train() does not scale twice.
@@ -185,6 +209,12 @@ class LargeBatchTrainer(Trainer):
                              "cosine, polynomial, ... with warm-up)")
         if adascale is not None:  # AdaScale: the schedule runs on progress tau (base-batch steps), not on steps
             self.lr_scheduler.lr_lambdas = [(lambda _step, f=f: f(int(adascale.progress)))
+                                            for f in self.lr_scheduler.lr_lambdas]
+        if adaptive is not None and not hasattr(self.lr_scheduler, "lr_lambdas"):
+            raise ValueError(f"adaptive_batch needs a schedule of samples; lr_scheduler_type="
+                             f"{self.args.lr_scheduler_type!r} is not a LambdaLR schedule")
+        if adaptive is not None:
+            self.lr_scheduler.lr_lambdas = [(lambda _step, f=f: f(adaptive.schedule_step))
                                             for f in self.lr_scheduler.lr_lambdas]
         self._created_lr_scheduler = True
         return self.lr_scheduler
@@ -236,6 +266,17 @@ class LargeBatchTrainer(Trainer):
         return loss_rules.resolve(self._option("loss_normalization"), labels)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
+        adaptive = self._adaptive
+        if adaptive is not None:  # the step's accumulation is the adaptive batch's (HF's loop runs with 1)
+            num_batches = adaptive.micro_batches_for_next_step()
+        batch_samples, num_items = self._step_micro_batches(epoch_iterator, num_batches, device)
+        if adaptive is not None and batch_samples:
+            adaptive.consumed(len(batch_samples), sum(_num_examples(b) for b in batch_samples))
+            batch_samples = [_StepBatches(batch_samples)]
+        return batch_samples, num_items
+
+    def _step_micro_batches(self, epoch_iterator, num_batches, device):
+        """HF's micro-batches of one step, with the global count of label tokens under the token rule."""
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.compute_loss_func is not None or not batch_samples:
             return batch_samples, num_items
@@ -244,6 +285,35 @@ class LargeBatchTrainer(Trainer):
         count = sum(loss_rules.count_label_tokens(b["labels"], self._shifts_labels) for b in batch_samples)
         count = backends.all_reduce_sum(torch.as_tensor(count, device=device))
         return batch_samples, count
+
+    def _run_epoch(self, **kwargs):
+        if self._adaptive is not None:  # where the sampler stands: HF skipped this many micro-batches on resume
+            resumed = kwargs["epoch"] == kwargs["epochs_trained"] and kwargs["resume_from_checkpoint"] is not None
+            self._adaptive.begin_epoch(kwargs["epoch"], kwargs["steps_in_epoch"],
+                                       kwargs["steps_trained_in_current_epoch"] if resumed else 0)
+        return super()._run_epoch(**kwargs)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):
+        epochs, steps = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                                     resume_from_checkpoint, trial)
+        if self._adaptive is None or resume_from_checkpoint is None or self.state.global_step == 0:
+            return epochs, steps
+        # HF counts the position in steps x a fixed accumulation; ours is the sampler position itself
+        self._load_algorithm_states(resume_from_checkpoint)
+        epoch, position = self._adaptive.epoch, self._adaptive.position
+        if position >= num_update_steps_per_epoch:  # saved at the very end of an epoch
+            epoch, position = epoch + 1, 0
+        return epoch, (0 if self.args.ignore_data_skip else position)
+
+    def floating_point_ops(self, inputs):
+        if isinstance(inputs, _StepBatches):
+            return sum(super(LargeBatchTrainer, self).floating_point_ops(batch) or 0 for batch in inputs)
+        return super().floating_point_ops(inputs)
+
+    def _track_num_input_tokens(self, inputs):
+        for batch in inputs if isinstance(inputs, _StepBatches) else [inputs]:
+            super()._track_num_input_tokens(batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training or self.compute_loss_func is not None:
@@ -282,6 +352,29 @@ class LargeBatchTrainer(Trainer):
 
     # ------------------------------------------------------------------ per-micro-batch and per-step events
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if isinstance(inputs, _StepBatches):
+            return self._accumulated_step(model, inputs, num_items_in_batch)
+        with self._local_sgd_context(model):
+            return self._micro_batch_step(model, inputs, num_items_in_batch)
+
+    def _local_sgd_context(self, model):
+        """Local SGD: no gradient all-reduce in any backward (the parameters are averaged every H steps)."""
+        return self.accelerator.no_sync(model) if self._local_sgd is not None else contextlib.nullcontext()
+
+    def _accumulated_step(self, model, micro_batches, num_items_in_batch):
+        """One optimizer step's micro-batches (adaptive batch sizes): all but the last without gradient sync."""
+        self.current_gradient_accumulation_steps = len(micro_batches)
+        total = None
+        for i, inputs in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            self.accelerator.gradient_state._set_sync_gradients(last)
+            context = self._local_sgd_context(model) if last else self.accelerator.no_sync(model)
+            with context:
+                loss = self._micro_batch_step(model, inputs, num_items_in_batch)
+            total = loss if total is None else total + loss
+        return total
+
+    def _micro_batch_step(self, model, inputs, num_items_in_batch):
         if self._micro_step == 0:
             self._applied_lrs = []
             self._reduced_fired = False
@@ -289,6 +382,8 @@ class LargeBatchTrainer(Trainer):
             self._step_loss_sum = None
             if self._extrapolator is not None:
                 self._extrapolate(model, inputs)
+            if self._adaptive is not None and self._adaptive.test in EXAMPLE_TESTS:
+                self._test_inputs = inputs  # the per-example test statistics are taken on its first examples
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step_loss_sum = loss if self._step_loss_sum is None else self._step_loss_sum + loss
         last = self.accelerator.sync_gradients
@@ -353,8 +448,28 @@ class LargeBatchTrainer(Trainer):
             if norm is None:
                 raise RuntimeError("reduced gradients are not readable under this backend")
             sq = torch.as_tensor(float(norm), dtype=torch.float32) ** 2
+        extra = {}
+        if self._test_inputs is not None:
+            extra["example_gradients"] = partial(self._example_gradients, self._test_inputs, loss_scale)
         self._fire("on_reduced_gradients", model=self.model, grad_sq_norm=sq,
-                   num_micro_batches=self.current_gradient_accumulation_steps, loss_scale=loss_scale)
+                   num_micro_batches=self.current_gradient_accumulation_steps, loss_scale=loss_scale, **extra)
+        self._test_inputs = None
+
+    def _example_gradients(self, inputs, loss_scale, count):
+        """(this step's gradient ``.grad``, an iterator over the gradients of the first ``count`` examples of
+        ``inputs`` at the current weights, one at a time: each through ``_local_gradient``, no collective)."""
+        model = self.accelerator.unwrap_model(self.model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        reduced = [torch.zeros_like(p) if p.grad is None else p.grad / loss_scale for p in params]
+        size = _num_examples(inputs)
+
+        def per_example():
+            for i in range(min(count, size)):
+                example = {k: v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else v
+                           for k, v in inputs.items()}
+                yield self._local_gradient(model, example, params)
+
+        return reduced, per_example()
 
     def _hook_loss_scale(self) -> float:
         """The loss scale the hook gradients of this micro-batch carry, read once per micro-batch (a host sync on
@@ -387,6 +502,9 @@ class LargeBatchTrainer(Trainer):
             if self.args.max_steps <= 0:
                 self.args.max_steps = math.ceil(self.args.num_train_epochs * self._update_steps_per_epoch()
                                                 * self.scale)
+        restore_args = self._start_adaptive_batch() if self._adaptive is not None else {}
+        if self._local_sgd is not None:
+            self._check_local_sgd_cadence()
         if self._wanted("on_local_gradient"):
             for name, param in self.model.named_parameters():
                 if param.requires_grad:
@@ -397,6 +515,37 @@ class LargeBatchTrainer(Trainer):
             for handle in self._grad_hook_handles:
                 handle.remove()
             self._grad_hook_handles = []
+            for name, value in restore_args.items():
+                setattr(self.args, name, value)
+
+    def _start_adaptive_batch(self) -> dict:
+        """Hand the accumulation to the adaptive batch: HF's loop runs with 1 (one ``_StepBatches`` per step) and
+        ``max_steps`` counts micro-batches, the budget (``max_steps`` or ``num_train_epochs`` at the initial batch).
+        Returns the arguments to put back after ``train()``."""
+        args = self.args
+        saved = {"gradient_accumulation_steps": args.gradient_accumulation_steps, "max_steps": args.max_steps}
+        accumulation = args.gradient_accumulation_steps
+        if args.max_steps > 0:
+            budget = args.max_steps * accumulation
+        else:
+            budget = math.ceil(args.num_train_epochs * len(self.get_train_dataloader()))
+        self._adaptive.start(accumulation, args.per_device_train_batch_size, args.world_size, budget)
+        args.gradient_accumulation_steps = 1
+        if args.max_steps > 0:
+            args.max_steps = budget
+        return saved
+
+    def _check_local_sgd_cadence(self) -> None:
+        """Under local SGD the ranks' weights agree only at synchronisation rounds: save and evaluate there."""
+        steps = self._local_sgd.steps
+        for kind in ("save", "eval"):
+            strategy = str(getattr(getattr(self.args, f"{kind}_strategy"), "value", getattr(self.args, f"{kind}_strategy")))
+            every = getattr(self.args, f"{kind}_steps")
+            if strategy == "no" or (strategy == "steps" and every and float(every).is_integer() and every % steps == 0):
+                continue
+            raise ValueError(f"local_sgd_steps={steps}: the ranks hold the same weights only every {steps} steps, so "
+                             f"{kind}_strategy must be 'no' or 'steps' with {kind}_steps a multiple of {steps} (got "
+                             f"{kind}_strategy={strategy!r}, {kind}_steps={every})")
 
     def _on_local_grad(self, name, param, grad):
         if self._muted_hooks:
@@ -406,7 +555,7 @@ class LargeBatchTrainer(Trainer):
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "learning_rate" in logs:
-            logs["scale"] = self.scale
+            logs["scale"] = self.scale if self._adaptive is None else self._adaptive.batch_size / self._adaptive.base_batch_size
             for alg in self.algorithms:
                 logs.update(alg.log_metrics())
         super().log(logs, start_time)
@@ -424,8 +573,12 @@ class LargeBatchTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self._load_algorithm_states(checkpoint)
+
+    def _load_algorithm_states(self, checkpoint: str) -> None:
         algorithms = self.algorithms
-        if checkpoint is None or not algorithms:
+        if not algorithms:
             return
         path = self._algorithm_state_path(checkpoint)
         if not os.path.isfile(path):
