@@ -12,7 +12,8 @@ if not, which batch would be:
 ``tr(Sigma)`` and ``||G||^2`` are the unbiased micro-batch estimates of ``stats.py`` (section 0: no extra pass, one
 scalar all-reduce per step). The inner-product and orthogonality tests need per-example gradients: they are taken on
 the first ``test_examples`` examples of each rank's first micro-batch (one small backward each, at the step's
-weights, through ``torch.autograd.grad``: no ``.grad`` written, no collective, BatchNorm buffers restored), dotted
+weights: one forward of those examples, then one ``torch.autograd.grad`` per example's loss — no ``.grad`` written,
+no collective, BatchNorm normalising over the sub-batch as in training and its buffers restored), dotted
 with the step's gradient ``g`` and reduced as four scalars. Numerators and denominators are smoothed separately
 (bias-corrected EMA, ``smoothing``), never their ratio.
 
@@ -33,6 +34,7 @@ and grows the local batch of every worker alike.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import torch
@@ -98,6 +100,24 @@ def average_across_ranks_(tensors: list[torch.Tensor]) -> None:
         for t in tensors:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+def per_example_gradients(model: torch.nn.Module, params: list[torch.Tensor], forward,
+                          example_losses) -> Iterator[list[torch.Tensor]]:
+    """The gradient of each example's loss, one at a time: one forward of the sub-batch (``forward()`` returns the
+    model's outputs; BatchNorm normalises over the sub-batch, as in training, and its buffers are put back), then
+    ``example_losses(outputs)`` and one ``torch.autograd.grad`` per loss (no ``.grad`` written, no collective)."""
+    buffers = list(model.buffers())
+    saved = [b.detach().clone() for b in buffers]
+    try:  # the buffers go back after the last backward (BatchNorm's backward still reads them)
+        losses = example_losses(forward())
+        for i, loss in enumerate(losses):
+            grads = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1, allow_unused=True)
+            yield [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
 
 
 def all_ranks_max(value: int) -> int:
@@ -180,6 +200,7 @@ class AdaptiveBatch(GradientStatistics):
         self.history: list[tuple[int, int, float]] = []
         self._steps_in_epoch = 1
         self._pending: int | None = None
+        self._step_micro_batches = 0
 
     # -- set-up (trainer)
     def start(self, accumulation: int, micro_batch_size: int, world_size: int, budget_micro_batches: int) -> None:
@@ -224,6 +245,7 @@ class AdaptiveBatch(GradientStatistics):
     def consumed(self, micro_batches: int, examples: int) -> None:
         """This rank drew ``micro_batches`` holding ``examples`` examples for the step about to run."""
         self.position += micro_batches
+        self._step_micro_batches = micro_batches
         self.micro_batches_seen += micro_batches
         self.samples_seen += examples * self.world_size
 
@@ -324,12 +346,14 @@ class AdaptiveBatch(GradientStatistics):
             control.should_training_stop = True
 
     def lr_factor(self) -> float:
-        """The scaling rule's multiplier at the current batch over the one at the initial batch (built into the
-        scheduler); 1 with ``lr_scaling='none'``."""
-        if self.lr_scaling in ("none", "adascale") or self.accumulation == self.initial_accumulation:
+        """The scaling rule's multiplier at this step's batch (the last one of an epoch may be short) over the one
+        at the initial batch (built into the scheduler); 1 with ``lr_scaling='none'``."""
+        step_accumulation = self._step_micro_batches or self.accumulation
+        if self.lr_scaling == "none" or step_accumulation == self.initial_accumulation:
             return 1.0
         base = self.base_batch_size
-        return (peak_lr_multiplier(self.lr_scaling, self.batch_size / base)
+        step_batch = step_accumulation * self.micro_batch_size * self.world_size
+        return (peak_lr_multiplier(self.lr_scaling, step_batch / base)
                 / peak_lr_multiplier(self.lr_scaling, self.initial_batch_size / base))
 
     def log_metrics(self) -> dict[str, float]:

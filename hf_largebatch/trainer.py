@@ -27,7 +27,7 @@ from . import loss as loss_rules
 from .adascale import AdaScale
 from .algorithm import EVENTS, Algorithm
 from .autowu import AutoWU
-from .batching import EXAMPLE_TESTS, AdaptiveBatch, LocalSGD
+from .batching import EXAMPLE_TESTS, AdaptiveBatch, LocalSGD, per_example_gradients
 from .conadv import ConAdv, micro_batch_seed
 from .extrapolation import Extrapolation, local_gradient, noise_seed
 from .optimizers import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
@@ -457,19 +457,46 @@ class LargeBatchTrainer(Trainer):
 
     def _example_gradients(self, inputs, loss_scale, count):
         """(this step's gradient ``.grad``, an iterator over the gradients of the first ``count`` examples of
-        ``inputs`` at the current weights, one at a time: each through ``_local_gradient``, no collective)."""
+        ``inputs`` at the current weights: ``batching.per_example_gradients``, hooks muted).
+
+        Per-example losses are the micro-batch's loss rule taken per example: cross-entropy over classes
+        (``mean`` rule, integer class labels) or the example's mean token cross-entropy (``tokens`` rule)."""
         model = self.accelerator.unwrap_model(self.model)
         params = [p for p in model.parameters() if p.requires_grad]
         reduced = [torch.zeros_like(p) if p.grad is None else p.grad / loss_scale for p in params]
         size = _num_examples(inputs)
+        count = min(count, size)
+        inputs = self._prepare_inputs({k: v[:count] if isinstance(v, torch.Tensor) and v.dim() > 0
+                                       and v.shape[0] == size else v for k, v in inputs.items()})
+        labels = inputs["labels"]
+        tokens = self._loss_mode(labels) == "tokens"
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"} if tokens and self._shifts_labels else inputs
 
-        def per_example():
-            for i in range(min(count, size)):
-                example = {k: v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else v
-                           for k, v in inputs.items()}
-                yield self._local_gradient(model, example, params)
+        def forward():
+            self._muted_hooks = True
+            try:
+                with self.compute_loss_context_manager():
+                    return model(**model_inputs)
+            finally:
+                self._muted_hooks = False
 
-        return reduced, per_example()
+        def example_losses(outputs):
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0 if model_inputs is not inputs else 1]
+            smoothing = self.args.label_smoothing_factor
+            if tokens:
+                return [loss_rules.summed_token_cross_entropy(logits[i:i + 1], labels[i:i + 1], self._shifts_labels,
+                                                              smoothing)
+                        / loss_rules.count_label_tokens(labels[i:i + 1], self._shifts_labels).clamp(min=1)
+                        for i in range(count)]
+            if logits.dim() != 2 or labels.dim() != 1 or labels.is_floating_point():
+                raise ValueError(f"adaptive_batch={self._adaptive.test!r} takes per-example losses as cross-entropy "
+                                 "over classes or tokens; this model's labels/logits are neither (use "
+                                 "adaptive_batch='norm', which needs no per-example gradients)")
+            losses = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none",
+                                                       label_smoothing=smoothing)
+            return list(losses)
+
+        return reduced, per_example_gradients(model, params, forward, example_losses)
 
     def _hook_loss_scale(self) -> float:
         """The loss scale the hook gradients of this micro-batch carry, read once per micro-batch (a host sync on
