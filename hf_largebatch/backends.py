@@ -152,9 +152,12 @@ def broadcast_floats(values: list[float], src: int = 0) -> list[float]:
 
 def run_recipe(main, *args) -> None:
     """Run a script's ``main`` and leave the process group on the way out, error or not (DeepSpeed ZeRO-3 can
-    abort at interpreter exit otherwise)."""
+    abort at interpreter exit otherwise); after a success, all ranks leave together (a rank tearing gloo down while
+    another still finishes its last collective aborts with "terminate called without an active exception")."""
     try:
         main(*args)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -237,11 +237,12 @@ def test_bad_options_are_refused_at_arguments(tmp_path, kw, message):
         make_args(tmp_path, **kw)
 
 
-def test_refused_under_deepspeed(tmp_path):
+@pytest.mark.parametrize("kw", [{}, {"adaptive_batch": "none", "adaptive_batch_args": None, "local_sgd_steps": 4}])
+def test_refused_under_deepspeed(tmp_path, kw):
     config = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
               "gradient_accumulation_steps": "auto"}
-    with pytest.raises(ValueError, match="not supported under DeepSpeed"):
-        make_args(tmp_path, deepspeed=config)
+    with pytest.raises(ValueError, match="is not supported under DeepSpeed"):
+        make_args(tmp_path, deepspeed=config, **kw)
 
 
 def test_refusals_at_train(tmp_path):
