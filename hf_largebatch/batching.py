@@ -172,7 +172,8 @@ class AdaptiveBatch(GradientStatistics):
     micro-batches per optimizer step and reports them with ``consumed``; the rest happens in events.
 
     Checkpointed: accumulation, samples and micro-batches seen, the epoch position, the smoothed statistics and
-    the history ``(samples, batch_size, requested_batch)`` of every test (for the batch-size plot)."""
+    the history ``(samples seen, global batch chosen for the following steps, requested batch)`` of every test
+    (for the batch-size plot)."""
 
     name = "adaptive_batch"
 
@@ -335,7 +336,7 @@ class AdaptiveBatch(GradientStatistics):
         examples = self.micro_batch_size * self.world_size
         wanted = grown_accumulation(self.requested_batch, self.accumulation, examples, self.max_accumulation)
         self._pending = all_ranks_max(wanted)
-        self.history.append((self.samples_seen, self.batch_size, self.requested_batch))
+        self.history.append((self.samples_seen, self._pending * examples, self.requested_batch))
 
     # -- step end: the new batch from the next step on, the epoch and the budget in samples
     def on_step_end(self, args, state, control, **kwargs):

@@ -82,19 +82,30 @@ def plot_lr_and_loss(histories: dict[str, LRHistory], path: str, title: str = ""
 
 
 def write_summary(trainer, metrics: dict, path: str, **extra) -> dict:
-    """The final JSON summary every recipe writes: what ran, the metric, the budget used and the log history."""
+    """The final JSON summary every recipe writes: what ran, the metric, the budget used (steps, examples,
+    synchronisations), the adaptive batch's ``(samples, batch size, requested batch)`` record and the log
+    history."""
     import json
 
+    from .batching import AdaptiveBatch, LocalSGD
+
     args = trainer.args
+    algorithms = {type(alg): alg for alg in trainer.algorithms}
+    adaptive, local = algorithms.get(AdaptiveBatch), algorithms.get(LocalSGD)
+    steps = trainer.state.global_step
     summary = {
         "global_batch_size": trainer.global_batch_size,
+        "final_batch_size": adaptive.batch_size if adaptive else trainer.global_batch_size,
         "scale": trainer.scale,
         "lr_scaling": getattr(args, "lr_scaling", "none"),
         "base_batch_size": getattr(args, "base_batch_size", None),
         "learning_rate": args.learning_rate,
         "world_size": args.world_size,
-        "optimizer_steps": trainer.state.global_step,
-        "examples_seen": trainer.state.global_step * trainer.global_batch_size,
+        "optimizer_steps": steps,
+        "examples_seen": adaptive.samples_seen if adaptive else steps * trainer.global_batch_size,
+        # rounds of communication: a gradient all-reduce per step, or local SGD's parameter averages
+        "synchronizations": local.syncs if local else (steps if args.world_size > 1 else 0),
+        "batch_size_history": adaptive.history if adaptive else [],
         "epochs": trainer.state.epoch,
         "metrics": metrics,
         **extra,

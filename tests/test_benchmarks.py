@@ -77,3 +77,19 @@ def test_overhead_quick_conadv(tmp_path):
     conadv = json.loads((tmp_path / "overhead.json").read_text())["variants"]["conadv"]
     assert all(run["steps_timed"] == 10 for run in conadv["runs"])
     assert "| conadv |" in (tmp_path / "overhead.md").read_text()
+
+
+def test_adaptive_batch_quick(tmp_path):
+    """Five 2-rank image runs on one sample budget: the adaptive ones grow, local SGD synchronises every H steps."""
+    run(["benchmarks/adaptive_batch.py", "--quick", "--runs", "fixed small", "adaptive DDP", "adaptive local"],
+        tmp_path)
+    rows = {r["run"]: r for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
+    assert all(r["samples"] == 512 and 0 <= r["metric"] <= 1 for r in rows.values())
+    small, ddp, local = rows["fixed small"], rows["adaptive DDP"], rows["adaptive local"]
+    assert small["initial_batch"] == small["final_batch"] == 64 and small["synchronizations"] == 8
+    assert ddp["final_batch"] > ddp["initial_batch"] == 64 and ddp["optimizer_steps"] < 8
+    assert ddp["synchronizations"] == ddp["optimizer_steps"]
+    assert ddp["batch_size_history"] and all(b % 32 == 0 for _, b, _ in ddp["batch_size_history"])
+    assert local["synchronizations"] == -(-local["optimizer_steps"] // 4)  # every 4 steps, and at the end
+    assert "| adaptive local | 64 →" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "batch_size.png").read_bytes()[:4] == b"\x89PNG"
