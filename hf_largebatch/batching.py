@@ -4,7 +4,7 @@ Lau et al. 2024).
 The tests ask whether the current global batch ``b`` is large enough for the gradient's direction to be trusted, and
 if not, which batch would be:
 
-    norm           grow while tr(Sigma) / b > eta^2 ||G||^2          b_new = tr(Sigma) / (eta^2 ||G||^2) = B_simple / eta^2
+    norm           grow while tr(Sigma) / b > eta^2 ||G||^2         b_new = tr(Sigma) / (eta^2 ||G||^2) = B_simple/eta^2
     inner_product  grow while Var_i <g_i, g> / b > theta^2 ||g||^4   b_new = Var_i <g_i, g> / (theta^2 ||g||^4)
     orthogonality  grow while E ||g_i - proj_g g_i||^2 / b > nu^2 ||g||^2
     augmented      the larger of inner_product and orthogonality
@@ -44,7 +44,7 @@ from . import backends
 from .algorithm import Algorithm
 from .option_strings import parse_key_values
 from .scaling import peak_lr_multiplier
-from .stats import BiasCorrectedEMA, GradientStatistics, unbiased_estimates
+from .stats import VAR_FLOOR, BiasCorrectedEMA, GradientStatistics, unbiased_estimates
 
 ADAPTIVE_TESTS = ("none", "norm", "inner_product", "augmented")
 EXAMPLE_TESTS = ("inner_product", "augmented")
@@ -252,7 +252,8 @@ class AdaptiveBatch(GradientStatistics):
 
     # -- statistics
     def on_train_begin(self, args, state, control, **kwargs):
-        self.base_batch_size = self._base_batch_size or getattr(args, "base_batch_size", None) or self.initial_batch_size
+        base = self._base_batch_size or getattr(args, "base_batch_size", None)
+        self.base_batch_size = base or self.initial_batch_size
 
     def is_test_step(self, global_step: int) -> bool:
         """Test at every ``test_interval``-th step; under local SGD at the steps that end with a synchronisation."""
@@ -290,7 +291,7 @@ class AdaptiveBatch(GradientStatistics):
             self.skipped_steps += 1
             return
         grad_sqr, micro_var = grad_sqr / workers, micro_var / workers
-        var_base = max(micro_var * self.micro_batch_size / self.base_batch_size, 1e-12)
+        var_base = max(micro_var * self.micro_batch_size / self.base_batch_size, VAR_FLOOR)
         self.last_raw = (grad_sqr, var_base)
         self.grad_sqr.update(grad_sqr)
         self.grad_var.update(var_base)

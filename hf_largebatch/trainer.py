@@ -123,16 +123,16 @@ class LargeBatchTrainer(Trainer):
         return next((alg for alg in self.algorithms if isinstance(alg, kind)), None)
 
     def _adascale(self) -> AdaScale | None:
-        return next((alg for alg in self.algorithms if isinstance(alg, AdaScale)), None)
+        return self._find(AdaScale)
 
     def _autowu(self) -> AutoWU | None:
-        return next((alg for alg in self.algorithms if isinstance(alg, AutoWU)), None)
+        return self._find(AutoWU)
 
     def _conadv(self) -> ConAdv | None:
-        return next((alg for alg in self.algorithms if isinstance(alg, ConAdv)), None)
+        return self._find(ConAdv)
 
     def _extrapolation(self) -> Extrapolation | None:
-        return next((alg for alg in self.algorithms if isinstance(alg, Extrapolation)), None)
+        return self._find(Extrapolation)
 
     # ------------------------------------------------------------------ optimizer and LR ownership
     def create_optimizer(self, model=None):
@@ -168,7 +168,8 @@ class LargeBatchTrainer(Trainer):
 
     def _update_steps_per_epoch(self) -> int:
         micro_batches = len(self.get_train_dataloader())
-        ga = self._adaptive.initial_accumulation if self._adaptive is not None else self.args.gradient_accumulation_steps
+        adaptive = self._adaptive
+        ga = adaptive.initial_accumulation if adaptive is not None else self.args.gradient_accumulation_steps
         return max(micro_batches // ga + int(micro_batches % ga > 0), 1)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -529,9 +530,9 @@ class LargeBatchTrainer(Trainer):
             if self.args.max_steps <= 0:
                 self.args.max_steps = math.ceil(self.args.num_train_epochs * self._update_steps_per_epoch()
                                                 * self.scale)
-        restore_args = self._start_adaptive_batch() if self._adaptive is not None else {}
         if self._local_sgd is not None:
             self._check_local_sgd_cadence()
+        restore_args = self._start_adaptive_batch() if self._adaptive is not None else {}
         if self._wanted("on_local_gradient"):
             for name, param in self.model.named_parameters():
                 if param.requires_grad:
@@ -566,8 +567,8 @@ class LargeBatchTrainer(Trainer):
         """Under local SGD the ranks' weights agree only at synchronisation rounds: save and evaluate there."""
         steps = self._local_sgd.steps
         for kind in ("save", "eval"):
-            strategy = str(getattr(getattr(self.args, f"{kind}_strategy"), "value", getattr(self.args, f"{kind}_strategy")))
-            every = getattr(self.args, f"{kind}_steps")
+            strategy = getattr(self.args, f"{kind}_strategy")
+            strategy, every = str(getattr(strategy, "value", strategy)), getattr(self.args, f"{kind}_steps")
             if strategy == "no" or (strategy == "steps" and every and float(every).is_integer() and every % steps == 0):
                 continue
             raise ValueError(f"local_sgd_steps={steps}: the ranks hold the same weights only every {steps} steps, so "
@@ -582,7 +583,8 @@ class LargeBatchTrainer(Trainer):
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "learning_rate" in logs:
-            logs["scale"] = self.scale if self._adaptive is None else self._adaptive.batch_size / self._adaptive.base_batch_size
+            adaptive = self._adaptive
+            logs["scale"] = self.scale if adaptive is None else adaptive.batch_size / adaptive.base_batch_size
             for alg in self.algorithms:
                 logs.update(alg.log_metrics())
         super().log(logs, start_time)
