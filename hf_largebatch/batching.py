@@ -202,6 +202,7 @@ class AdaptiveBatch(GradientStatistics):
         self._steps_in_epoch = 1
         self._pending: int | None = None
         self._step_micro_batches = 0
+        self._device = None
 
     # -- set-up (trainer)
     def start(self, accumulation: int, micro_batch_size: int, world_size: int, budget_micro_batches: int) -> None:
@@ -263,6 +264,7 @@ class AdaptiveBatch(GradientStatistics):
 
     def on_reduced_gradients(self, args, state, control, *, grad_sq_norm, num_micro_batches,
                              example_gradients=None, **kwargs):
+        self._device = grad_sq_norm.device  # where collectives run (a CUDA tensor under NCCL)
         if not self.local_sgd_steps:  # DDP: micro-batch norms of all ranks against the reduced gradient
             # this step's batch (the last one of an epoch may be short) over B0, for the variance at B0
             self.scale = num_micro_batches * self.micro_batch_size * self.world_size / self.base_batch_size
@@ -285,7 +287,7 @@ class AdaptiveBatch(GradientStatistics):
         self._local_sq = None
         n = num_micro_batches
         estimates = unbiased_estimates(local_sq / n, grad_sq, n) if n >= 2 else (math.nan, math.nan)
-        packed = backends.all_reduce_sum(torch.tensor([*estimates, 1.0], dtype=torch.float64))
+        packed = backends.all_reduce_sum(torch.tensor([*estimates, 1.0], dtype=torch.float64, device=self._device))
         grad_sqr, micro_var, workers = packed.tolist()
         if not (math.isfinite(grad_sqr) and math.isfinite(micro_var)):
             self.skipped_steps += 1
@@ -308,7 +310,7 @@ class AdaptiveBatch(GradientStatistics):
             sq = float(sum(torch.linalg.vector_norm(g, dtype=torch.float32).square() for g in grads))
             dot_sum, dot_sq_sum, sq_norm_sum, count = dot_sum + dot, dot_sq_sum + dot * dot, sq_norm_sum + sq, count + 1
         packed = backends.all_reduce_sum(torch.tensor([dot_sum, dot_sq_sum, sq_norm_sum, count, grad_sq, 1.0],
-                                                      dtype=torch.float64))
+                                                      dtype=torch.float64, device=self._device))
         dot_sum, dot_sq_sum, sq_norm_sum, count, grad_sq, workers = packed.tolist()
         grad_sq /= workers
         if count < 2 or not all(math.isfinite(v) for v in (dot_sq_sum, sq_norm_sum, grad_sq)):
