@@ -273,7 +273,7 @@ class AdaptiveBatch(GradientStatistics):
         elif self.is_test_step(state.global_step):
             self._local_statistics(float(grad_sq_norm), num_micro_batches)
         else:
-            self._local_sq = None
+            self._micro_norms, self._local_sq = [], None
         if not self.is_test_step(state.global_step):
             return
         if self.test in EXAMPLE_TESTS:
@@ -283,6 +283,7 @@ class AdaptiveBatch(GradientStatistics):
     def _local_statistics(self, grad_sq: float, num_micro_batches: int) -> None:
         """Local SGD: each worker's own unbiased estimates (its micro-batches against its own gradient), averaged
         over workers with one scalar all-reduce."""
+        self._flush_micro_batch()
         local_sq = float(self._local_sq) if self._local_sq is not None else 0.0
         self._local_sq = None
         n = num_micro_batches

@@ -85,6 +85,8 @@ class GradientStatistics(Algorithm):
         self.last_raw: tuple[float, float] | None = None
         self.skipped_steps = 0
         self._local_sq = None
+        self._micro_norms: list[torch.Tensor] = []
+        self._micro_weight = 1.0
         self.scale = 1.0
 
     # -- setup
@@ -107,11 +109,25 @@ class GradientStatistics(Algorithm):
 
     # -- per micro-batch: local norms, no host sync
     def on_local_gradient(self, args, state, control, *, grad, weight, **kwargs):
-        sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square() / (weight * weight)
+        # one norm kernel per parameter; squared, summed and unweighted once per micro-batch (fewer launches)
+        self._micro_norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
+        self._micro_weight = weight
+
+    def on_micro_batch_end(self, args, state, control, **kwargs):
+        self._flush_micro_batch()
+
+    def _flush_micro_batch(self) -> None:
+        """Add the finished micro-batch's ``||g_i||^2`` to this step's local sum. Also called when the reduced
+        gradients arrive: under DeepSpeed they do inside the last backward, before ``on_micro_batch_end``."""
+        if not self._micro_norms:
+            return
+        sq = torch.stack(self._micro_norms).square().sum() / (self._micro_weight * self._micro_weight)
+        self._micro_norms = []
         self._local_sq = sq if self._local_sq is None else self._local_sq + sq
 
     # -- per step: one scalar all-reduce, then the estimates
     def on_reduced_gradients(self, args, state, control, *, grad_sq_norm, num_micro_batches, **kwargs):
+        self._flush_micro_batch()
         device = grad_sq_norm.device
         local = self._local_sq if self._local_sq is not None else torch.zeros((), device=device)
         self._local_sq = None
