@@ -48,6 +48,27 @@ def random_points(n: int = 2048, in_features: int = 8, num_classes: int = 4, see
                        labels=torch.randint(0, num_classes, (n,), generator=g))
 
 
+class IndexedClassifier(TinyLinearClassifier):
+    """Records the dataset index of every example of every training forward (data-order checks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[int] = []
+
+    def forward(self, x, labels=None, index=None):
+        if self.training and index is not None:
+            self.seen.extend(index.tolist())
+        return super().forward(x, labels)
+
+
+def indexed_points(n: int = 256) -> DictDataset:
+    """Learnable points (label: the largest of the first 4 features) with their dataset index."""
+    data = random_points(n)
+    data.columns["labels"] = data.columns["x"][:, :4].argmax(dim=1)
+    data.columns["index"] = torch.arange(n)
+    return data
+
+
 def digits_dataset(n: int | None = None) -> DictDataset:
     """scikit-learn's bundled digits (real data, no download) as 1x8x8 images in [0, 1]."""
     from sklearn.datasets import load_digits

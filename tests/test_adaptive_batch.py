@@ -12,31 +12,11 @@ from transformers import TrainerCallback
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
 from hf_largebatch.batching import (AdaptiveBatchConfig, example_variances, grown_accumulation,
                                     inner_product_test_batch, norm_test_batch, orthogonality_test_batch)
-from helpers import TinyLinearClassifier, digits_dataset, flat_params, random_points, single_thread, tiny_resnet
+from helpers import (IndexedClassifier, TinyLinearClassifier, digits_dataset, flat_params, indexed_points,
+                     single_thread, tiny_resnet)
 
 _threads = pytest.fixture(autouse=True)(single_thread)
 MICRO = 8
-
-
-class IndexedClassifier(TinyLinearClassifier):
-    """Records the dataset index of every example of every training forward."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[int] = []
-
-    def forward(self, x, labels=None, index=None):
-        if self.training and index is not None:
-            self.seen.extend(index.tolist())
-        return super().forward(x, labels)
-
-
-def indexed_points(n=256):
-    """Learnable points (label: the largest of the first 4 features) with their dataset index."""
-    data = random_points(n)
-    data.columns["labels"] = data.columns["x"][:, :4].argmax(dim=1)
-    data.columns["index"] = torch.arange(n)
-    return data
 
 
 class StepSizes(TrainerCallback):

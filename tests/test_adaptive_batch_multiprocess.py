@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
-from helpers import REPO, flat_params, launch, read_rank_results, single_thread
+from helpers import REPO, IndexedClassifier, flat_params, indexed_points, launch, read_rank_results, single_thread
 
 _threads = pytest.fixture(autouse=True)(single_thread)
 WORKER = str(REPO / "tests" / "workers" / "adaptive_batch_worker.py")
@@ -22,8 +22,6 @@ def run_worker(tmp_path, mode):
 
 
 def test_ddp_adaptive_batch_matches_one_rank_and_agrees_across_ranks(tmp_path):
-    import workers.adaptive_batch_worker as worker
-
     r0, r1 = run_worker(tmp_path / "ddp", "ddp_adaptive")
     assert r0["history"] == r1["history"] and len(r0["history"]) == r0["global_step"]
     assert r0["final_params"] == r1["final_params"]
@@ -35,14 +33,14 @@ def test_ddp_adaptive_batch_matches_one_rank_and_agrees_across_ranks(tmp_path):
     assert r0["samples_seen"] == 512
 
     # the same global batches split as 1 rank x 2 micro-batches: the same decisions and weights
-    model = worker.IndexedClassifier()
+    model = IndexedClassifier()
     args = LargeBatchArguments(output_dir=str(tmp_path / "single"), per_device_train_batch_size=8,
                                gradient_accumulation_steps=2, num_train_epochs=2, optim="sgd",
                                optim_args="momentum=0.9", learning_rate=0.1, lr_scheduler_type="constant",
                                max_grad_norm=0.0, weight_decay=0.0, use_cpu=True, report_to=[], save_strategy="no",
                                disable_tqdm=True, seed=0, data_seed=0, dataloader_drop_last=True,
                                adaptive_batch="norm", adaptive_batch_args="max_batch_size=64,eta=0.5,smoothing=0")
-    trainer = LargeBatchTrainer(model=model, args=args, train_dataset=worker.points())
+    trainer = LargeBatchTrainer(model=model, args=args, train_dataset=indexed_points())
     trainer.train()
     single = trainer._adaptive.history
     assert [(s, b) for s, b, _ in single] == [(s, b) for s, b, _ in r0["history"]]

@@ -19,24 +19,13 @@ from transformers import TrainerCallback
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
 from hf_largebatch.batching import AdaptiveBatch, LocalSGD
-from helpers import TinyLinearClassifier, flat_params, random_points
+from helpers import IndexedClassifier, flat_params, indexed_points
 
 MICRO = 8
 
 
-class IndexedClassifier(TinyLinearClassifier):
-    def __init__(self):
-        super().__init__()
-        self.seen: list[int] = []
-
-    def forward(self, x, labels=None, index=None):
-        if self.training and index is not None:
-            self.seen.extend(index.tolist())
-        return super().forward(x, labels)
-
-
 class Snapshot(TrainerCallback):
-    """Parameters and examples at each step end; ``where`` says whether it runs before or after the algorithms."""
+    """Parameters and examples at each step end: before or after the trainer's algorithms act, by where it is added."""
 
     def __init__(self, model, store):
         self.model, self.store, self.start = model, store, 0
@@ -45,13 +34,6 @@ class Snapshot(TrainerCallback):
         self.store.append({"step": state.global_step, "params": flat_params(self.model).tolist(),
                            "examples": len(self.model.seen) - self.start})
         self.start = len(self.model.seen)
-
-
-def points():
-    data = random_points(256)
-    data.columns["labels"] = data.columns["x"][:, :4].argmax(dim=1)
-    data.columns["index"] = torch.arange(256)
-    return data
 
 
 def main(out_dir: str, mode: str, resume: str | None = None) -> None:
@@ -72,7 +54,8 @@ def main(out_dir: str, mode: str, resume: str | None = None) -> None:
                                data_seed=0, dataloader_drop_last=True, **options)
     model = IndexedClassifier()
     before, after = [], []
-    trainer = LargeBatchTrainer(model=model, args=args, train_dataset=points(), callbacks=[Snapshot(model, before)])
+    trainer = LargeBatchTrainer(model=model, args=args, train_dataset=indexed_points(),
+                                callbacks=[Snapshot(model, before)])
     trainer.add_callback(Snapshot(model, after))  # after LocalSGD / AdaptiveBatch (added by the trainer)
     trainer.train(resume_from_checkpoint=resume)
     adaptive = next((a for a in trainer.algorithms if isinstance(a, AdaptiveBatch)), None)
