@@ -9,6 +9,7 @@ step time, and the ratio variant / baseline, with the spread of per-repeat ratio
     python benchmarks/overhead.py --variants plain hf_trainer noise_monitor adascale --steps 60 --repeats 5
     python benchmarks/overhead.py --variants plain sequential_adv conadv --out benchmarks/results/overhead_adv
     python benchmarks/overhead.py --variants plain extrap_fresh extrap_past --out benchmarks/results/overhead_extrap
+    python benchmarks/overhead.py --variants plain adascale --data fashion_mnist --batch 512 --grad-accum 2
 """
 
 from __future__ import annotations
@@ -53,18 +54,31 @@ def _variants():
     }
 
 
+DATA = ("digits", "fashion_mnist")
 VARIANTS = ("hf_trainer", "plain", "lr_history", "noise_monitor", "adascale", "conadv", "sequential_adv",
             "extrap_fresh", "extrap_past")
+
+
+def _training_data(data: str):
+    """``digits``: sklearn's 8x8 digits (a ~10 ms CPU step: the fixed per-parameter cost at its largest);
+    ``fashion_mnist``: the image task of ``benchmarks/scaling.py`` (28x28, its 10,000-image subset and random
+    crops). Both feed the same model, the image task's ``tiny`` ResNet (``demo.small_resnet``)."""
+    if data == "digits":
+        from hf_largebatch.demo import digits_splits
+
+        return digits_splits()[0]
+    from hf_largebatch.data.images import ImageClassificationDataset, load_image_splits
+
+    splits = load_image_splits(data)
+    return ImageClassificationDataset(splits.train.subset(10000), splits.mean, splits.std, splits.augmentation)
 
 
 def _child(variant: str, batch: int, grad_accum: int, steps: int, warmup: int, data: str) -> dict:
     from transformers import TrainerCallback
 
-    from hf_largebatch.demo import digits_splits, small_resnet
+    from hf_largebatch.demo import small_resnet
 
-    if data != "digits":
-        raise ValueError(f"unknown --data {data!r}")
-    train, _ = digits_splits()
+    train = _training_data(data)
     trainer_cls, args_cls, callbacks, extra = _variants()[variant]
     extra = dict(extra)
     if "base_batch_size_divisor" in extra:  # AdaScale at S = 8; max_steps then counts base steps, so stretch it
@@ -120,7 +134,8 @@ def measure(opts) -> dict:
     base = opts.variants[0]
     summary = {"machine": f"{platform.machine()}, {os.cpu_count()} cores"
                + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU only"),
-               "batch": opts.batch, "grad_accum": opts.grad_accum, "steps": opts.steps, "warmup": opts.warmup, "repeats": opts.repeats,
+               "data": opts.data, "batch": opts.batch, "grad_accum": opts.grad_accum, "steps": opts.steps,
+               "warmup": opts.warmup, "repeats": opts.repeats,
                "baseline": base, "variants": {}}
     for variant, results in runs.items():
         ratios = [r["median_step_s"] / b["median_step_s"] for r, b in zip(results, runs[base])]
@@ -137,9 +152,8 @@ def measure(opts) -> dict:
 
 
 def to_markdown(summary: dict) -> str:
-    lines = [f"Baseline `{summary['baseline']}`, {summary['grad_accum']} micro-batches of {summary['batch']} a step, "
-             f"{summary['steps']} steps "
-             f"({summary['warmup']} untimed), {summary['repeats']} interleaved repeats; {summary['machine']}.", "",
+    lines = [f"Baseline `{summary['baseline']}`, data `{summary['data']}`, {summary['grad_accum']} micro-batches of "
+             f"{summary['batch']} a step, {summary['steps']} steps ({summary['warmup']} untimed), {summary['repeats']} interleaved repeats; {summary['machine']}.", "",
              "| variant | median step (ms) | step-time ratio (median) | ratio min-max | peak RSS (MiB) | RSS ratio |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, v in summary["variants"].items():
@@ -158,7 +172,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10, help="first steps left out of the timing")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--data", default="digits")
+    p.add_argument("--data", default="digits", choices=DATA,
+                   help="digits: 8x8 images, a ~10 ms CPU step; fashion_mnist: the image task (28x28)")
     p.add_argument("--out", default="benchmarks/results/overhead")
     p.add_argument("--quick", action="store_true", help="CI smoke test: 2 repeats of 12 steps")
     p.add_argument("--child", help=argparse.SUPPRESS)

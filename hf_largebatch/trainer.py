@@ -536,7 +536,7 @@ class LargeBatchTrainer(Trainer):
         if self._wanted("on_local_gradient"):
             for name, param in self.model.named_parameters():
                 if param.requires_grad:
-                    self._grad_hook_handles.append(param.register_hook(partial(self._on_local_grad, name, param)))
+                    self._grad_hook_handles.append(param.register_hook(self._local_gradient_hook(name, param)))
         try:
             return super().train(*args, **kwargs)
         finally:
@@ -575,10 +575,18 @@ class LargeBatchTrainer(Trainer):
                              f"{kind}_strategy must be 'no' or 'steps' with {kind}_steps a multiple of {steps} (got "
                              f"{kind}_strategy={strategy!r}, {kind}_steps={every})")
 
-    def _on_local_grad(self, name, param, grad):
-        if self._muted_hooks:
-            return
-        self._fire("on_local_gradient", name=name, param=param, grad=grad, weight=self._micro_weight)
+    def _local_gradient_hook(self, name, param):
+        """The tensor hook of one parameter: hands its local micro-batch gradient to the listening algorithms.
+        It runs once per parameter per micro-batch, so the listeners' bound methods are looked up here, once."""
+        listeners = [alg.on_local_gradient for alg in self._listeners["on_local_gradient"]]
+
+        def hook(grad):
+            if not self._muted_hooks:
+                for listener in listeners:
+                    listener(self.args, self.state, self.control, name=name, param=param, grad=grad,
+                             weight=self._micro_weight)
+
+        return hook
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
