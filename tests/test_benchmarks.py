@@ -18,14 +18,16 @@ def run(args, tmp_path):
 
 
 def test_overhead_quick(tmp_path):
-    run(["benchmarks/overhead.py", "--quick", "--variants", "plain", "lr_history"], tmp_path)
+    """On the image task's data (the AdaScale overhead target's setting)."""
+    run(["benchmarks/overhead.py", "--quick", "--data", "fashion_mnist", "--variants", "plain", "adascale"], tmp_path)
     summary = json.loads((tmp_path / "overhead.json").read_text())
-    assert summary["baseline"] == "plain" and set(summary["variants"]) == {"plain", "lr_history"}
+    assert summary["baseline"] == "plain" and set(summary["variants"]) == {"plain", "adascale"}
+    assert summary["data"] == "fashion_mnist"
     assert summary["variants"]["plain"]["step_time_ratio"] == 1.0
     for v in summary["variants"].values():
         assert len(v["runs"]) == 2 and all(r["steps_timed"] == 10 and r["median_step_s"] > 0 for r in v["runs"])
         assert v["peak_rss_mib"] > 50
-    assert "| lr_history |" in (tmp_path / "overhead.md").read_text()
+    assert "| adascale |" in (tmp_path / "overhead.md").read_text()
 
 
 def test_overhead_rejects_unknown_variant(tmp_path):
