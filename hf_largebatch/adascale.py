@@ -112,8 +112,12 @@ class AdaScale(GradientStatistics):
         return math.sqrt(self.gain) if self.adam else self.gain
 
     # -- progress, stopping and cadence on tau
-    def on_optimizer_step(self, args, state, control, **kwargs):
+    def on_step_begin(self, args, state, control, **kwargs):
         self._previous = self.progress
+
+    def on_lr_applied(self, args, state, control, *, learning_rate, **kwargs):
+        # Fired only by an update that ran: a step the fp16 GradScaler skipped (overflow) makes no progress, so
+        # the schedule (on progress) and the budget do not move either.
         self.progress += self.gain
 
     def on_step_end(self, args, state, control, **kwargs):

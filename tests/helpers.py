@@ -170,3 +170,14 @@ def read_rank_results(out_dir, nproc: int = 2) -> list[dict]:
 
 def flat_params(model) -> np.ndarray:
     return torch.cat([p.detach().reshape(-1).double() for p in model.parameters()]).numpy()
+
+
+def use_cpu_grad_scaler(trainer, init_scale: float = 2.0 ** 16):
+    """fp16 mixed precision with its GradScaler, on CPU. accelerate builds the scaler (and turns on native autocast)
+    only on an accelerator; for a trainer made with ``fp16=True, use_cpu=True`` this turns on the same machinery:
+    fp16 autocast on CPU and a real ``torch.amp.GradScaler`` (not a mock: the loss is scaled, the gradients carry
+    the scale, clipping unscales them, overflowed steps are skipped and the scale halves, as on CUDA)."""
+    assert trainer.accelerator.mixed_precision == "fp16", "make the trainer with fp16=True"
+    trainer.accelerator.native_amp = True
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return trainer

@@ -4,10 +4,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
 from hf_largebatch.adascale import AdaScale, adascale_gain
-from helpers import digits_dataset, flat_params, tiny_resnet
+from helpers import digits_dataset, flat_params, tiny_resnet, use_cpu_grad_scaler
 
 
 def test_gain_rule():
@@ -18,7 +19,7 @@ def test_gain_rule():
 
 
 def make(output_dir, per_device=8, ga=4, base=32, epochs=2, callbacks=(), lr_scaling="adascale", eval_dataset=None,
-         **extra):
+         train_dataset=None, **extra):
     options = dict(output_dir=str(output_dir), per_device_train_batch_size=per_device,
                    gradient_accumulation_steps=ga, num_train_epochs=epochs, learning_rate=0.05, optim="sgd",
                    optim_args="momentum=0.9", lr_scheduler_type="cosine", warmup_steps=4, base_batch_size=base,
@@ -28,7 +29,7 @@ def make(output_dir, per_device=8, ga=4, base=32, epochs=2, callbacks=(), lr_sca
     model = tiny_resnet()
     history = LRHistory(per_device * ga)
     trainer = LargeBatchTrainer(model=model, args=LargeBatchArguments(**options),
-                                train_dataset=digits_dataset(256), eval_dataset=eval_dataset,
+                                train_dataset=train_dataset or digits_dataset(256), eval_dataset=eval_dataset,
                                 callbacks=[history, *callbacks])
     return trainer, model, history
 
@@ -43,6 +44,26 @@ def test_scale_one_is_bit_identical_to_no_scaling(tmp_path):
     np.testing.assert_array_equal(flat_params(model_a), flat_params(model_b))
     gains = [h["adascale_gain"] for h in a.state.log_history if "adascale_gain" in h]
     assert gains and set(gains) == {1.0}
+
+
+def test_fp16_overflowed_steps_make_no_progress(tmp_path):
+    """fp16 with its GradScaler (on CPU, see ``use_cpu_grad_scaler``), one example of inf pixels: every step the scaler
+    skips (it halves its scale each time) is skipped by the statistics too, and AdaScale's progress (the
+    schedule's clock and the budget) stays put there; every other step advances it by its gain."""
+    data = digits_dataset(256)
+    data.columns["pixel_values"] = data.columns["pixel_values"].clone()
+    data.columns["pixel_values"][100] = float("inf")
+    trainer, model, _ = make(tmp_path, base=8, epochs=1, train_dataset=data, fp16=True)
+    use_cpu_grad_scaler(trainer)
+    trainer.train()
+    skipped = round(math.log2(2.0 ** 16 / trainer.accelerator.scaler.get_scale()))
+    logs = [h for h in trainer.state.log_history if "adascale_gain" in h]
+    increments = np.diff([0.0] + [h["progress"] for h in logs])
+    assert skipped >= 1 and trainer._adascale().skipped_steps == skipped  # the inf step, and any fp16 overflow
+    assert (increments == 0).sum() == skipped
+    moved = increments > 0
+    np.testing.assert_allclose(increments[moved], np.array([h["adascale_gain"] for h in logs])[moved], rtol=1e-9)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_progress_schedule_and_stopping(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
 from hf_largebatch import NoiseScaleMonitor
 from hf_largebatch.stats import BiasCorrectedEMA, smoothing_for_scale, unbiased_estimates
-from helpers import DictDataset
+from helpers import DictDataset, use_cpu_grad_scaler
 
 DIM, MU, SIGMA = 10, 0.5, 2.0
 
@@ -73,11 +73,49 @@ def test_monitor_recovers_known_statistics_through_the_trainer(per_device, ga, b
                                 callbacks=[stats])
     trainer.train()
     assert stats.scale == 4 and stats.base_batch_size == 8
-    assert stats.grad_sqr.value == pytest.approx(DIM * MU ** 2, rel=0.15)
-    assert stats.grad_var.value == pytest.approx(DIM * SIGMA ** 2 / 8, rel=0.1)  # variance at B0 = 8
-    assert stats.noise_scale == pytest.approx(SIGMA ** 2 / MU ** 2, rel=0.2)  # tr(Sigma)/||G||^2 = 16
+    assert_known_statistics(stats)  # variance at B0 = 8; tr(Sigma)/||G||^2 = 16
     logged = [h for h in trainer.state.log_history if "noise_scale" in h]
     assert len(logged) == 6 and logged[-1]["noise_scale"] == pytest.approx(stats.noise_scale)
+
+
+def train_monitor(dataset, precision: str | None = None, steps: int = 300, cuda: bool = False):
+    """The monitor at lr 0 (every step samples the same distribution) under ``precision`` (None, "fp16", "bf16"):
+    fp16 on CUDA gets accelerate's GradScaler, fp16 on CPU the same machinery through ``use_cpu_grad_scaler``."""
+    stats = NoiseScaleMonitor(theta=0.99)
+    args = LargeBatchArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=8,
+                               gradient_accumulation_steps=4, max_steps=steps, learning_rate=0.0, optim="sgd",
+                               base_batch_size=8, report_to=[], save_strategy="no", logging_steps=50,
+                               disable_tqdm=True, seed=0, fp16=precision == "fp16", bf16=precision == "bf16",
+                               use_cpu=not cuda)
+    trainer = LargeBatchTrainer(model=MeanEstimator(), args=args, train_dataset=dataset, callbacks=[stats])
+    if precision == "fp16" and not cuda:
+        use_cpu_grad_scaler(trainer)
+    trainer.train()
+    return trainer, stats
+
+
+def assert_known_statistics(stats):
+    assert stats.grad_sqr.value == pytest.approx(DIM * MU ** 2, rel=0.15)
+    assert stats.grad_var.value == pytest.approx(DIM * SIGMA ** 2 / 8, rel=0.1)
+    assert stats.noise_scale == pytest.approx(SIGMA ** 2 / MU ** 2, rel=0.2)
+
+
+def test_monitor_removes_the_fp16_loss_scale():
+    """Hook and .grad gradients carry the GradScaler's 2^16 (4e9 in the squared norms) the whole run; removed, the
+    estimates are the known ones."""
+    trainer, stats = train_monitor(gaussian_points(32 * 300), "fp16")
+    assert trainer.accelerator.scaler.get_scale() == 2.0 ** 16 and stats.skipped_steps == 0
+    assert_known_statistics(stats)
+
+
+def test_monitor_skips_the_step_the_grad_scaler_skips():
+    dataset = gaussian_points(32 * 100)
+    dataset.columns["x"][123] = float("inf")  # one example: one micro-batch of one step overflows
+    trainer, stats = train_monitor(dataset, "fp16", steps=100)
+    assert trainer.accelerator.scaler.get_scale() == 2.0 ** 15  # the scaler skipped exactly one step
+    assert stats.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert stats.grad_sqr.value == pytest.approx(DIM * MU ** 2, rel=0.3)  # 100 steps: a looser check
 
 
 def test_monitor_refuses_a_single_micro_batch():
