@@ -6,10 +6,15 @@ allocator state do not favour one side; the child times every optimizer step (``
 (and, on CUDA, the child's ``max_memory_allocated``). Reported: the median over repeats of each variant's median
 step time, and the ratio variant / baseline, with the spread of per-repeat ratios.
 
+``--same-process`` times every variant in each child instead, in mirrored order (A B B A), each run on a fresh model
+and trainer: on a shared machine a process's own speed varies by up to 20% (same variant, same core), which this
+cancels in the per-repeat ratio; peak memory then comes from the default mode only.
+
     python benchmarks/overhead.py --variants plain hf_trainer noise_monitor adascale --steps 60 --repeats 5
     python benchmarks/overhead.py --variants plain sequential_adv conadv --out benchmarks/results/overhead_adv
     python benchmarks/overhead.py --variants plain extrap_fresh extrap_past --out benchmarks/results/overhead_extrap
-    python benchmarks/overhead.py --variants plain adascale --data fashion_mnist --batch 512 --grad-accum 2
+    python benchmarks/overhead.py --variants plain adascale noise_monitor --data fashion_mnist --batch 512 \
+        --same-process --steps 40 --warmup 5 --repeats 7
 """
 
 from __future__ import annotations
@@ -73,12 +78,13 @@ def _training_data(data: str):
     return ImageClassificationDataset(splits.train.subset(10000), splits.mean, splits.std, splits.augmentation)
 
 
-def _child(variant: str, batch: int, grad_accum: int, steps: int, warmup: int, data: str) -> dict:
+def _timed_run(variant: str, train, batch: int, grad_accum: int, steps: int, warmup: int) -> dict:
+    """Train a fresh model with ``variant`` for ``steps`` optimizer steps; the median time of the steps after
+    ``warmup``."""
     from transformers import TrainerCallback
 
     from hf_largebatch.demo import small_resnet
 
-    train = _training_data(data)
     trainer_cls, args_cls, callbacks, extra = _variants()[variant]
     extra = dict(extra)
     if "base_batch_size_divisor" in extra:  # AdaScale at S = 8; max_steps then counts base steps, so stretch it
@@ -93,6 +99,8 @@ def _child(variant: str, batch: int, grad_accum: int, steps: int, warmup: int, d
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
+            if len(times) >= steps:  # AdaScale would go on until its progress reaches the base budget
+                control.should_training_stop = True
 
     args = args_cls(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch,
                     gradient_accumulation_steps=grad_accum, max_steps=steps * (8 if "base_batch_size" in extra else 1),
@@ -109,10 +117,15 @@ def _child(variant: str, batch: int, grad_accum: int, steps: int, warmup: int, d
     return result
 
 
-def _run_child(variant, opts) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--batch", str(opts.batch), "--grad-accum",
-           str(opts.grad_accum), "--steps", str(opts.steps),
-           "--warmup", str(opts.warmup), "--data", opts.data]
+def _child(sequence: list[str], batch: int, grad_accum: int, steps: int, warmup: int, data: str) -> list[dict]:
+    train = _training_data(data)
+    return [_timed_run(variant, train, batch, grad_accum, steps, warmup) for variant in sequence]
+
+
+def _run_child(sequence: list[str], opts) -> tuple[list[dict], int]:
+    """The runs of ``sequence`` in one fresh process, and that process's peak RSS in bytes."""
+    cmd = [sys.executable, __file__, "--child", ",".join(sequence), "--batch", str(opts.batch), "--grad-accum",
+           str(opts.grad_accum), "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--data", opts.data]
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, cwd=REPO,
                                 env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -121,46 +134,70 @@ def _run_child(variant, opts) -> dict:
         text = out.read()
     if status != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{text[-3000:]}")
-    result = json.loads(text.strip().splitlines()[-1])
-    result["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
-    return result
+    return json.loads(text.strip().splitlines()[-1]), usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+def _repeat_separate(opts) -> dict[str, dict]:
+    """One process per variant (interleaved A B A B over repeats): step time and peak RSS per process."""
+    results = {}
+    for variant in opts.variants:
+        (run,), rss = _run_child([variant], opts)
+        results[variant] = {**run, "peak_rss_bytes": rss}
+    return results
+
+
+def _repeat_same_process(opts) -> dict[str, dict]:
+    """All variants in one process, in mirrored order (A B B A): the process's own speed, which varies by up to
+    20% between processes on a shared machine, cancels in the ratio. Each variant's step time is the mean of its
+    two runs; peak RSS cannot be told apart, so it is not reported."""
+    runs, _ = _run_child(opts.variants + opts.variants[::-1], opts)
+    results = {}
+    for variant in opts.variants:
+        own = [r for r in runs if r["variant"] == variant]
+        results[variant] = {"variant": variant, "median_step_s": statistics.fmean(r["median_step_s"] for r in own),
+                            "steps_timed": sum(r["steps_timed"] for r in own)}
+    return results
 
 
 def measure(opts) -> dict:
+    repeat = _repeat_same_process if opts.same_process else _repeat_separate
     runs = {v: [] for v in opts.variants}
     for _ in range(opts.repeats):
-        for variant in opts.variants:
-            runs[variant].append(_run_child(variant, opts))
+        for variant, result in repeat(opts).items():
+            runs[variant].append(result)
     base = opts.variants[0]
     summary = {"machine": f"{platform.machine()}, {os.cpu_count()} cores"
                + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU only"),
                "data": opts.data, "batch": opts.batch, "grad_accum": opts.grad_accum, "steps": opts.steps,
-               "warmup": opts.warmup, "repeats": opts.repeats,
+               "warmup": opts.warmup, "repeats": opts.repeats, "same_process": opts.same_process,
                "baseline": base, "variants": {}}
     for variant, results in runs.items():
         ratios = [r["median_step_s"] / b["median_step_s"] for r, b in zip(results, runs[base])]
-        mem = [r["peak_rss_bytes"] / b["peak_rss_bytes"] for r, b in zip(results, runs[base])]
-        summary["variants"][variant] = {
-            "median_step_s": statistics.median(r["median_step_s"] for r in results),
-            "step_time_ratio": statistics.median(ratios),
-            "step_time_ratio_min_max": [min(ratios), max(ratios)],
-            "peak_rss_mib": statistics.median(r["peak_rss_bytes"] for r in results) / 2**20,
-            "peak_rss_ratio": statistics.median(mem),
-            "runs": results,
-        }
+        entry = {"median_step_s": statistics.median(r["median_step_s"] for r in results),
+                 "step_time_ratio": statistics.median(ratios),
+                 "step_time_ratio_min_max": [min(ratios), max(ratios)]}
+        if not opts.same_process:
+            entry["peak_rss_mib"] = statistics.median(r["peak_rss_bytes"] for r in results) / 2**20
+            entry["peak_rss_ratio"] = statistics.median(r["peak_rss_bytes"] / b["peak_rss_bytes"]
+                                                        for r, b in zip(results, runs[base]))
+        summary["variants"][variant] = {**entry, "runs": results}
     return summary
 
 
 def to_markdown(summary: dict) -> str:
+    where = "all variants in each process (A B B A)" if summary["same_process"] else "one process per variant"
     lines = [f"Baseline `{summary['baseline']}`, data `{summary['data']}`, {summary['grad_accum']} micro-batches of "
-             f"{summary['batch']} a step, {summary['steps']} steps ({summary['warmup']} untimed), {summary['repeats']} interleaved repeats; {summary['machine']}.", "",
+             f"{summary['batch']} a step, {summary['steps']} steps ({summary['warmup']} untimed), "
+             f"{summary['repeats']} interleaved repeats, {where}; {summary['machine']}.", "",
              "| variant | median step (ms) | step-time ratio (median) | ratio min-max | peak RSS (MiB) | RSS ratio |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, v in summary["variants"].items():
         lo, hi = v["step_time_ratio_min_max"]
+        memory = (f"{v['peak_rss_mib']:.0f} | {v['peak_rss_ratio']:.3f}" if "peak_rss_mib" in v
+                  else "- | -")
         lines.append(f"| {name} | {1000 * v['median_step_s']:.2f} | {v['step_time_ratio']:.3f} | {lo:.3f}-{hi:.3f} "
-                     f"| {v['peak_rss_mib']:.0f} | {v['peak_rss_ratio']:.3f} |")
-    return "\n".join(lines)
+                     f"| {memory} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -176,10 +213,12 @@ def main(argv=None):
                    help="digits: 8x8 images, a ~10 ms CPU step; fashion_mnist: the image task (28x28)")
     p.add_argument("--out", default="benchmarks/results/overhead")
     p.add_argument("--quick", action="store_true", help="CI smoke test: 2 repeats of 12 steps")
+    p.add_argument("--same-process", action="store_true",
+                   help="time all variants in each process (A B B A); no peak RSS. Steadier ratios on a shared machine")
     p.add_argument("--child", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.child:
-        print(json.dumps(_child(opts.child, opts.batch, opts.grad_accum, opts.steps, opts.warmup, opts.data)))
+        print(json.dumps(_child(opts.child.split(","), opts.batch, opts.grad_accum, opts.steps, opts.warmup, opts.data)))
         return 0
     unknown = [v for v in opts.variants if v not in VARIANTS]
     if unknown:
@@ -191,7 +230,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     (out / "overhead.json").write_text(json.dumps(summary, indent=1))
     table = to_markdown(summary)
-    (out / "overhead.md").write_text(table + "\n")
+    (out / "overhead.md").write_text(table)
     print(table)
     return 0
 

@@ -74,11 +74,15 @@ def test_adversarial_quick(tmp_path):
     assert "| 2x linear + conadv | 128 |" in (tmp_path / "table.md").read_text()
 
 
-def test_overhead_quick_conadv(tmp_path):
-    run(["benchmarks/overhead.py", "--quick", "--variants", "plain", "conadv"], tmp_path)
-    conadv = json.loads((tmp_path / "overhead.json").read_text())["variants"]["conadv"]
-    assert all(run["steps_timed"] == 10 for run in conadv["runs"])
+def test_overhead_quick_conadv_same_process(tmp_path):
+    """--same-process: both variants in each child, twice each (A B B A), no memory column."""
+    run(["benchmarks/overhead.py", "--quick", "--same-process", "--variants", "plain", "conadv"], tmp_path)
+    summary = json.loads((tmp_path / "overhead.json").read_text())
+    conadv = summary["variants"]["conadv"]
+    assert summary["same_process"] and "peak_rss_ratio" not in conadv
+    assert len(conadv["runs"]) == 2 and all(run["steps_timed"] == 2 * 10 for run in conadv["runs"])
     assert "| conadv |" in (tmp_path / "overhead.md").read_text()
+    assert "(A B B A)" in (tmp_path / "overhead.md").read_text()
 
 
 def test_adaptive_batch_quick(tmp_path):
