@@ -1,4 +1,8 @@
-"""Gradient statistics (ALGORITHMS.md section 0) on a model whose gradient distribution is known exactly."""
+"""Gradient statistics (ALGORITHMS.md section 0) on a model whose gradient distribution is known exactly.
+
+Mixed precision: fp16 runs on CPU too, with fp16 autocast and a real ``torch.amp.GradScaler`` installed by
+``use_cpu_grad_scaler`` (accelerate makes the scaler only on an accelerator); the cases marked ``gpu`` run the same
+checks with accelerate's own CUDA scaler and are skipped without CUDA (they have not run yet: no GPU was lent)."""
 
 import tempfile
 
@@ -100,18 +104,26 @@ def assert_known_statistics(stats):
     assert stats.noise_scale == pytest.approx(SIGMA ** 2 / MU ** 2, rel=0.2)
 
 
-def test_monitor_removes_the_fp16_loss_scale():
-    """Hook and .grad gradients carry the GradScaler's 2^16 (4e9 in the squared norms) the whole run; removed, the
-    estimates are the known ones."""
-    trainer, stats = train_monitor(gaussian_points(32 * 300), "fp16")
-    assert trainer.accelerator.scaler.get_scale() == 2.0 ** 16 and stats.skipped_steps == 0
+ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("precision,cuda", [("fp16", False), pytest.param("fp16", True, marks=ON_CUDA),
+                                            pytest.param("bf16", True, marks=ON_CUDA)])
+def test_monitor_under_mixed_precision_recovers_the_known_statistics(precision, cuda):
+    """Under fp16, hook and .grad gradients carry the GradScaler's 2^16 (4e9 in the squared norms) the whole run;
+    removed, the estimates are the known ones. (bf16 on CPU: test_monitor_recovers_known_statistics_...)"""
+    trainer, stats = train_monitor(gaussian_points(32 * 300), precision, cuda=cuda)
+    if precision == "fp16":
+        assert trainer.accelerator.scaler.get_scale() == 2.0 ** 16
+    assert stats.skipped_steps == 0
     assert_known_statistics(stats)
 
 
-def test_monitor_skips_the_step_the_grad_scaler_skips():
+@pytest.mark.parametrize("cuda", [False, pytest.param(True, marks=ON_CUDA)])
+def test_monitor_skips_the_step_the_grad_scaler_skips(cuda):
     dataset = gaussian_points(32 * 100)
     dataset.columns["x"][123] = float("inf")  # one example: one micro-batch of one step overflows
-    trainer, stats = train_monitor(dataset, "fp16", steps=100)
+    trainer, stats = train_monitor(dataset, "fp16", steps=100, cuda=cuda)
     assert trainer.accelerator.scaler.get_scale() == 2.0 ** 15  # the scaler skipped exactly one step
     assert stats.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
