@@ -113,11 +113,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
     for ax in (ax_batch, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return scaling.save_figure(fig, path, title)
 
 
 def main(argv=None) -> int:

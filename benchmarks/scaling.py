@@ -155,6 +155,17 @@ def to_markdown(rows: list[dict], task: dict, machine: str) -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig, path: Path, title: str) -> Path:
+    """Title, lay out, write (PNG, 110 dpi) and close a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(rows: list[dict], task: dict, out: Path, title: str) -> list[Path]:
     import matplotlib
 
@@ -177,11 +188,7 @@ def plot(rows: list[dict], task: dict, out: Path, title: str) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[1].set_xscale("linear")
     axes[0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    paths = [out / "scaling.png"]
-    fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
+    paths = [save_figure(fig, out / "scaling.png", title)]
     adascale = [r for r in rows if r.get("adascale_curve")]
     if adascale:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -197,11 +204,7 @@ def plot(rows: list[dict], task: dict, out: Path, title: str) -> list[Path]:
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.suptitle(f"{title}: AdaScale gain and LR vs progress")
-        fig.tight_layout()
-        paths.append(out / "adascale.png")
-        fig.savefig(paths[1], dpi=110)
-        plt.close(fig)
+        paths.append(save_figure(fig, out / "adascale.png", f"{title}: AdaScale gain and LR vs progress"))
     autowu = [r for r in rows if r.get("autowu_curve")]
     if autowu:
         paths.append(plot_autowu(autowu, out / "autowu.png", title))
@@ -239,11 +242,7 @@ def plot_autowu(rows: list[dict], path: Path, title: str) -> Path:
         lr_ax.set_ylabel("learning rate (applied)")
         ax.set_title(r["run"])
         ax.legend(fontsize=8, loc="upper right")
-    fig.suptitle(f"{title}: AutoWU votes (filled = yes) and switch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"{title}: AutoWU votes (filled = yes) and switch")
 
 
 def main(argv=None) -> int:

@@ -204,21 +204,19 @@ class LargeBatchTrainer(Trainer):
                 scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
             )
         adascale = self._adascale()
-        if adascale is not None and not hasattr(self.lr_scheduler, "lr_lambdas"):
-            raise ValueError(f"lr_scaling='adascale' needs a schedule of progress; lr_scheduler_type="
-                             f"{self.args.lr_scheduler_type!r} is not a LambdaLR schedule (use constant, linear, "
-                             "cosine, polynomial, ... with warm-up)")
         if adascale is not None:  # AdaScale: the schedule runs on progress tau (base-batch steps), not on steps
-            self.lr_scheduler.lr_lambdas = [(lambda _step, f=f: f(int(adascale.progress)))
-                                            for f in self.lr_scheduler.lr_lambdas]
-        if adaptive is not None and not hasattr(self.lr_scheduler, "lr_lambdas"):
-            raise ValueError(f"adaptive_batch needs a schedule of samples; lr_scheduler_type="
-                             f"{self.args.lr_scheduler_type!r} is not a LambdaLR schedule")
+            self._run_schedule_on(lambda: int(adascale.progress), "lr_scaling='adascale' needs a schedule of progress")
         if adaptive is not None:
-            self.lr_scheduler.lr_lambdas = [(lambda _step, f=f: f(adaptive.schedule_step))
-                                            for f in self.lr_scheduler.lr_lambdas]
+            self._run_schedule_on(lambda: adaptive.schedule_step, "adaptive_batch needs a schedule of samples")
         self._created_lr_scheduler = True
         return self.lr_scheduler
+
+    def _run_schedule_on(self, clock, requirement: str) -> None:
+        """Evaluate the scheduler's LR lambdas at ``clock()`` instead of at the optimizer step count."""
+        if not hasattr(self.lr_scheduler, "lr_lambdas"):
+            raise ValueError(f"{requirement}; lr_scheduler_type={self.args.lr_scheduler_type!r} is not a LambdaLR "
+                             "schedule (use constant, linear, cosine, polynomial, ... with warm-up)")
+        self.lr_scheduler.lr_lambdas = [(lambda _step, f=f: f(clock())) for f in self.lr_scheduler.lr_lambdas]
 
     def _before_optimizer_step(self, optimizer, args, kwargs):
         # Under DeepSpeed ZeRO this runs once per param group (the engine steps groups one by one).
