@@ -17,9 +17,26 @@ Integration (thin; the maths is ``adascale_gain``):
   in logs are counted on progress, in base-batch steps and base epochs.
 
 [decide] Clipping: statistics are taken before clipping (the paper has none); the gain multiplies the LR of the
-clipped update. [decide] ``r_0``: the first step already has its own statistics, so its gain is used.
-AdamScale: with an Adam-family optimizer the gain is ``sqrt(r)`` and, once Adam has ``warm_adam_steps`` of
-``v_hat``, the statistics are taken on preconditioned gradients ``g / (sqrt(v_hat) + eps)``.
+clipped update. [decide] ``r_0``: the first step already has its own statistics, so its gain is used — once the
+smoothed ``||G||^2`` is positive; until then (a single step's estimate with few micro-batches is often ``<= 0``) the
+gain stays 1: no gain of S is taken from a non-positive estimate. [decide] ``S < 1`` is refused (AdaScale scales up
+from the base batch; its gain would lie in ``[S, 1]`` and the budget ``T_base`` would not bound the steps).
+
+AdamScale (Adam-family optimisers): the gain is ``sqrt(r)`` and the statistics are those of preconditioned gradients
+``g / P_t`` with ``P_t`` **the preconditioner Adam applies in this very step**: ``P_t = sqrt(v_hat_t) + eps`` with
+``v_t = beta2 v_{t-1} + (1 - beta2) g_t^2`` from this step's reduced (and, like Adam, clipped) gradient. Why this one:
+it is the metric of the update being scaled; it exists from step 1 (``v_hat_1 = g_1^2``), so the EMAs hold one
+quantity for the whole run (no switch from raw to preconditioned statistics); and it is bounded for rows the
+optimizer has never seen (a rare token's embedding row gets ``|g / P| <= sqrt((1 - beta2^t) / (1 - beta2))`` in the
+step it first appears, and 0 while it is absent), where the ``v_hat`` of *earlier* steps (adaptdl's choice after 5
+Adam steps) is 0 and gives ``g / eps``, so that one embedding matrix held ~100% of ``||g||^2`` and the gain sat at S.
+Since ``P_t`` needs the reduced gradient, ``L`` is formed at the reduced gradients from a per-parameter sum of the
+squared micro-batch gradients (one fp32 buffer per parameter, AdamScale only). ``P_t`` also depends on the step's
+own gradient; that correlation is what a preconditioned statistic costs and fades as ``1/t`` in ``v_hat``.
+
+Optimisers are recognised by class (``optimizer_kind``): SGD and LARS get AdaScale, Adam / AdamW / LAMB / AdamP
+AdamScale with their own ``P``; anything else (8-bit or schedule-free Adam, Adafactor, ...) is refused at the start:
+its preconditioner is not ``sqrt(v_hat) + eps`` of ``exp_avg_sq``, and guessing it would be silently wrong.
 """
 
 from __future__ import annotations
@@ -28,84 +45,173 @@ import math
 
 import torch
 
+from . import optimizers
+from .algorithm import final_save_and_evaluation
 from .stats import GradientStatistics
+
+#: optimiser classes AdaScale knows, and how each preconditions: None (plain SGD-type update), "eps_after"
+#: (``sqrt(v / (1 - beta2^t)) + eps``: torch's Adam/AdamW, our LAMB) or "eps_before" (``(sqrt(v) + eps) /
+#: sqrt(1 - beta2^t)``: pytorch_optimizer's AdamP). Looked up along the class's MRO (AdamW before Adam).
+_OPTIMIZER_KINDS = {torch.optim.SGD: None, optimizers.LARS: None, torch.optim.AdamW: "eps_after",
+                    torch.optim.Adam: "eps_after", optimizers.LAMB: "eps_after", optimizers.AdamP: "eps_before"}
 
 
 def adascale_gain(var_base: float, grad_sqr: float, scale: float) -> float:
-    """``r = (var + sqr) / (var/S + sqr)``, in ``[1, S]``; exactly 1 at ``S = 1``."""
+    """``r = (var + sqr) / (var/S + sqr)``, in ``[1, S]`` for ``S >= 1``; exactly 1 at ``S = 1``."""
+    if scale < 1:
+        raise ValueError(f"AdaScale's gain needs S >= 1, got S = {scale}")
     if scale == 1:
         return 1.0
     gain = (var_base + grad_sqr) / (var_base / scale + grad_sqr)
     return min(max(gain, 1.0), scale)
 
 
-def is_adam_family(optimizer) -> bool:
+def innermost_optimizer(optimizer):
+    """The user's optimizer inside Accelerate's / DeepSpeed's wrappers."""
     inner = optimizer
-    while hasattr(inner, "optimizer") and isinstance(getattr(inner, "optimizer"), torch.optim.Optimizer):
+    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
         inner = inner.optimizer
-    return "adam" in type(inner).__name__.lower() or "lamb" in type(inner).__name__.lower()
+    return inner
+
+
+def optimizer_class_kind(optimizer_cls: type | None) -> str | None:
+    """None for an SGD-type optimizer class, the preconditioner's form for an Adam-type one; refuses any other."""
+    for cls in getattr(optimizer_cls, "__mro__", ()):
+        if cls in _OPTIMIZER_KINDS:
+            return _OPTIMIZER_KINDS[cls]
+    known = ", ".join(sorted(c.__name__ for c in _OPTIMIZER_KINDS))
+    name = getattr(optimizer_cls, "__name__", "(unknown)")
+    raise ValueError(f"lr_scaling='adascale' does not know the optimizer {name}: AdaScale needs to know how it "
+                     f"preconditions the gradient (it recognises {known}). Use optim='sgd', 'adamw_torch', 'lars', "
+                     "'lamb' or 'adamp', or another lr_scaling rule")
+
+
+def optimizer_kind(optimizer) -> str | None:
+    """``optimizer_class_kind`` of the user's optimizer inside its wrappers; AMSGrad is refused."""
+    inner = innermost_optimizer(optimizer)
+    kind = optimizer_class_kind(type(inner))
+    if kind is not None and any(group.get("amsgrad") for group in inner.param_groups):
+        raise ValueError("lr_scaling='adascale' does not support amsgrad=True: AMSGrad preconditions with the running "
+                         "maximum of v, not with this step's v_hat")
+    return kind
 
 
 class AdaScale(GradientStatistics):
     """AdaScale / AdamScale as an algorithm. Added by ``LargeBatchTrainer`` when ``lr_scaling="adascale"``."""
 
     name = "adascale"
+    option = "lr_scaling='adascale'"
+    excludes = {"local_sgd": "under local SGD the reduced gradient is rank-local (no all-reduce), so the gain "
+                             "would be measured on one rank's gradient",
+                "adaptive_batch": "both change what one optimizer step is (AdaScale's progress vs the batch)",
+                "autowu": "both own the LR schedule"}
 
-    def __init__(self, theta: float | None = None, warm_adam_steps: int = 5):
+    def __init__(self, theta: float | None = None):
         super().__init__(theta=theta)
-        self.warm_adam_steps = warm_adam_steps
         self.progress = 0.0
         self.gain = 1.0
         self.adam = False
+        self._kind = None
         self._optimizer = None
         self._base_steps_per_epoch = 1.0
         self._previous = 0.0
+        self._sq_sums: dict = {}  # AdamScale: per parameter, sum_i w_i (g_i / weight_i)^2 of this step
 
     # -- setup
+    def check(self, plan) -> None:
+        super().check(plan)
+        if plan.lr_scaling != "adascale":
+            raise ValueError("an AdaScale callback needs lr_scaling='adascale' (it owns the LR gain and progress); "
+                             f"got lr_scaling={plan.lr_scaling!r}")
+        if optimizer_class_kind(plan.optimizer_cls) is not None and plan.backend == "deepspeed":
+            raise ValueError(
+                f"lr_scaling='adascale' with {plan.optimizer_cls.__name__} (AdamScale) is not supported under "
+                "DeepSpeed: its statistics are taken on Adam-preconditioned gradients, and ZeRO keeps v as flattened "
+                "shards, so they would silently be wrong. Use DDP (accelerate launch / torchrun) for AdamScale, or "
+                "optim='sgd' for AdaScale under DeepSpeed.")
+        if plan.scale < 1:
+            raise ValueError(f"lr_scaling='adascale' scales up from base_batch_size, but the global batch "
+                             f"{plan.global_batch_size} is smaller than base_batch_size={plan.base_batch_size} "
+                             f"(S = {plan.scale:g} < 1): set base_batch_size <= the global batch")
+
     def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
-        self._optimizer = optimizer
-        self.adam = is_adam_family(optimizer)
-        # (beta2, eps) by parameter, looked up per gradient hook
-        self._adam_hparams = ({p: (g["betas"][1], g["eps"]) for g in optimizer.param_groups for p in g["params"]}
-                              if self.adam else {})
+        self._optimizer = innermost_optimizer(optimizer)
+        self._kind = optimizer_kind(optimizer)
+        self.adam = self._kind is not None
+        self._sq_sums = {}
         micro = len(train_dataloader)
         ga = args.gradient_accumulation_steps
         self._base_steps_per_epoch = max(micro // ga + int(micro % ga > 0), 1) * self.scale
 
-    # -- AdamScale: statistics of preconditioned gradients
-    def _preconditioner(self, param):
-        if not self.adam or self._optimizer is None:
-            return None
-        st = self._optimizer.state.get(param)
-        if not st or "exp_avg_sq" not in st:
-            return None
-        step = float(st["step"])
-        if step < self.warm_adam_steps:
-            return None
-        beta2, eps = self._adam_hparams[param]
-        return st["exp_avg_sq"].div(1 - beta2 ** step).sqrt_().add_(eps)
-
+    # -- AdamScale: statistics of gradients preconditioned by this step's P_t
     def on_local_gradient(self, args, state, control, *, param, grad, weight, **kwargs):
-        denom = self._preconditioner(param)
-        super().on_local_gradient(args, state, control, grad=grad if denom is None else grad / denom,
-                                  weight=weight)
+        if not self.adam:
+            super().on_local_gradient(args, state, control, grad=grad, weight=weight)
+            return
+        self._micro_weight = weight
+        share = weight / self._world_size
+        g = grad.float()
+        buffer = self._sq_sums.get(param)
+        if buffer is None:
+            self._sq_sums[param] = g.square().mul_(share / (weight * weight))
+        else:
+            buffer.addcmul_(g, g, value=share / (weight * weight))
+
+    def on_micro_batch_end(self, args, state, control, **kwargs):
+        if self.adam:  # the weights' sum: the micro-batch's share of the reduced gradient
+            share = torch.as_tensor([0.0, self._micro_weight / self._world_size])
+            self._local_sq = share if self._local_sq is None else self._local_sq + share
+        else:
+            super().on_micro_batch_end(args, state, control, **kwargs)
+
+    def _preconditioner(self, param, reduced: torch.Tensor, clip: float) -> torch.Tensor:
+        """``P_t`` of this step for ``param`` from its reduced gradient (times Adam's clip coefficient)."""
+        group = self._groups[param]
+        beta2, eps = group["betas"][1], group["eps"]
+        st = self._optimizer.state.get(param) or {}
+        step = float(st.get("step", 0)) + 1
+        g = reduced.float() * clip
+        if group.get("weight_decay") and type(self._optimizer) is torch.optim.Adam \
+                and not group.get("decoupled_weight_decay"):
+            g = g + group["weight_decay"] * param.detach().float()  # torch Adam's L2 decay enters v
+        v = g.square().mul_(1 - beta2)
+        if "exp_avg_sq" in st:
+            v.add_(st["exp_avg_sq"].float(), alpha=beta2)
+        correction = 1 - beta2 ** step
+        if self._kind == "eps_after":
+            return v.div_(correction).sqrt_().add_(eps)
+        return v.sqrt_().add_(eps).div_(math.sqrt(correction))
+
+    def _preconditioned_sums(self, model, loss_scale: float, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's ``sum_i w_i ||g_i / P||^2``, ``||g_bar / P||^2``)."""
+        self._groups = {p: g for g in self._optimizer.param_groups for p in g["params"]}
+        local, reduced = [], []
+        for p in model.parameters():
+            if p.grad is None:
+                continue
+            denom = self._preconditioner(p, p.grad / loss_scale, clip)
+            reduced.append((p.grad.float() / loss_scale / denom).square().sum())
+            sq_sum = self._sq_sums.get(p)
+            if sq_sum is not None:
+                local.append(sq_sum.div_(denom.square()).sum())
+        self._sq_sums = {}
+        zero = torch.zeros(())
+        return (torch.stack(local).sum() if local else zero), (torch.stack(reduced).sum() if reduced else zero)
 
     def on_reduced_gradients(self, args, state, control, *, model, grad_sq_norm, num_micro_batches,
                              loss_scale=1.0, **kwargs):
-        if self.adam:  # T on the same preconditioned gradients as L
-            parts = []
-            for p in model.parameters():
-                if p.grad is not None:
-                    denom = self._preconditioner(p)
-                    g = p.grad if denom is None else p.grad / denom
-                    parts.append(torch.linalg.vector_norm(g, dtype=torch.float32).square())
-            if parts:
-                grad_sq_norm = torch.stack(parts).sum() / loss_scale ** 2
+        if self.adam:  # L and T on the same preconditioned gradients
+            clip = 1.0
+            if args.max_grad_norm and args.max_grad_norm > 0:  # what Adam will see: torch's clip_grad_norm_
+                clip = min(1.0, args.max_grad_norm / (math.sqrt(float(grad_sq_norm)) + 1e-6))
+            local, grad_sq_norm = self._preconditioned_sums(model, loss_scale, clip)
+            weights = self._local_sq[1] if self._local_sq is not None else torch.zeros(())
+            self._local_sq = torch.stack([local, weights.to(local.device)]).to(grad_sq_norm.device)
         super().on_reduced_gradients(args, state, control, grad_sq_norm=grad_sq_norm,
-                                     num_micro_batches=num_micro_batches)
-        if self.grad_sqr.count:
-            self.gain = adascale_gain(self.grad_var.value, self.grad_sqr.value, self.scale)
+                                     num_micro_batches=num_micro_batches, **kwargs)
+        if self.has_estimate:  # until then the gain stays at its last value (1 at the start)
+            self.gain = adascale_gain(self.grad_var.value, self.grad_sqr.value, self.step_scale)
 
     def lr_factor(self) -> float:
         """Multiplier of this step's LR, applied inside ``optimizer.step``."""
@@ -135,6 +241,8 @@ class AdaScale(GradientStatistics):
             setattr(control, flag, math.floor(self.progress / period) > math.floor(previous / period))
         if self.progress >= state.max_steps:
             control.should_training_stop = True
+            # the base budget is spent before HF's max_steps: the end-of-training save and evaluation are ours
+            final_save_and_evaluation(args, control, ("steps", "epoch"))
 
     def on_epoch_end(self, args, state, control, **kwargs):
         # Data epochs are not progress epochs: evaluation and saving follow progress (set in on_step_end).

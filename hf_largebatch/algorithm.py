@@ -24,6 +24,11 @@
     on_optimizer_step                               (HF)
     on_step_end                                     (HF)
 
+Every algorithm declares what it needs (``check(plan)``, given the ``composition.RunPlan`` of the run) and which
+other algorithms it cannot run with (``excludes``, by ``name``, with the reason); ``LargeBatchTrainer`` checks the
+algorithms actually present at ``train()``, however they were configured (arguments or ``callbacks=[...]``), so a
+combination is refused with the same message either way (``composition.check_composition``).
+
 Every algorithm also owns its checkpoint state: ``state_dict()`` returns plain tensors/numbers (saved with
 ``torch.save`` in each checkpoint and loaded with ``weights_only=True`` on resume), ``load_state_dict`` restores
 it, and ``log_metrics()`` adds its numbers to every logging step.
@@ -47,8 +52,16 @@ EVENTS = ("on_local_gradient", "on_micro_batch_end", "on_reduced_gradients", "on
 class Algorithm(TrainerCallback):
     """Base class: override the events you need; keep the maths in a plain function next to it."""
 
-    #: key under which this algorithm's state is stored in checkpoints
+    #: key under which this algorithm's state is stored in checkpoints (and by which ``excludes`` names it)
     name: str = "algorithm"
+    #: how a user turns it on, for messages (e.g. ``"lr_scaling='adascale'"``)
+    option: str = ""
+    #: ``{name of another algorithm: why they cannot run together}``
+    excludes: dict[str, str] = {}
+
+    def check(self, plan) -> None:
+        """Raise ``ValueError`` naming the setting and the fix if this run (``composition.RunPlan``) cannot host
+        the algorithm. Called at ``train()``, before any work."""
 
     def on_local_gradient(self, args, state, control, *, name: str, param: torch.nn.Parameter,
                           grad: torch.Tensor, weight: float, **kwargs):
@@ -84,3 +97,13 @@ class Algorithm(TrainerCallback):
 
     def overrides(self, event: str) -> bool:
         return getattr(type(self), event) is not getattr(Algorithm, event)
+
+
+def final_save_and_evaluation(args, control, strategies: tuple[str, ...]) -> None:
+    """Ask for the end-of-training checkpoint and evaluation that HF's ``DefaultFlowCallback`` gives a run reaching
+    ``max_steps``, for an algorithm that ends training earlier (AdaScale's budget of progress, the adaptive batch's
+    budget of samples), for the ``save_strategy`` / ``eval_strategy`` values in ``strategies``."""
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) in strategies:
+        control.should_save = True
+    if str(getattr(args.eval_strategy, "value", args.eval_strategy)) in strategies:
+        control.should_evaluate = True

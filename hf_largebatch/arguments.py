@@ -140,9 +140,8 @@ class LargeBatchArguments(TrainingArguments):
         backends.check_deepspeed_config(ds_config)
         self.check_adversarial()
         self.check_extrapolation()
-        self.check_adaptive_batch(ds_config)
-        backends.check_algorithms_on_deepspeed(self.lr_scaling, str(getattr(self.optim, "value", self.optim)),
-                                               ds_config, self.adversarial, self.extrapolation)
+        self.check_adaptive_batch()
+        backends.check_optimizer_on_deepspeed(str(getattr(self.optim, "value", self.optim)), ds_config)
         if ds_config is not None:
             self.accelerator_config = backends.prepare_cpu_deepspeed(self.accelerator_config)
         # TrainingArguments accepts only its own optimizer names: validate ours here and hand it a stand-in
@@ -168,12 +167,6 @@ class LargeBatchArguments(TrainingArguments):
             raise ValueError(f"AutoWU warms up from min_lr={config.min_lr} to learning_rate={self.learning_rate}: "
                              "the learning rate (AutoWU's max_lr; the spec's default is 1.0) must be larger than "
                              "min_lr")
-        if self.lr_scaling != "none":
-            raise ValueError(f"lr_schedule='autowu' finds the learning rate itself; it cannot be combined with "
-                             f"lr_scaling={self.lr_scaling!r}. Use lr_scaling='none' and set learning_rate to the "
-                             "top of AutoWU's warm-up range (max_lr)")
-        if self.warmup_steps or getattr(self, "warmup_ratio", 0):
-            raise ValueError("lr_schedule='autowu' owns the warm-up: leave warmup_steps (and warmup_ratio) at 0")
 
     def check_adversarial(self) -> None:
         if self.adversarial not in ADVERSARIAL_MODES:
@@ -190,11 +183,8 @@ class LargeBatchArguments(TrainingArguments):
                              f"{', '.join(EXTRAPOLATIONS)}")
         if self.extrapolation_ratio <= 0:
             raise ValueError(f"extrapolation_ratio must be > 0, got {self.extrapolation_ratio}")
-        if self.extrapolation != "none" and self.adversarial != "none":
-            raise ValueError("extrapolation and adversarial training cannot be combined: the adversarial attack would "
-                             "copy the extrapolated weights x~ as its 'previous step' weights")
 
-    def check_adaptive_batch(self, ds_config) -> None:
+    def check_adaptive_batch(self) -> None:
         if self.adaptive_batch not in ADAPTIVE_TESTS:
             raise ValueError(f"unknown adaptive_batch={self.adaptive_batch!r}; choose one of "
                              f"{', '.join(ADAPTIVE_TESTS)}")
@@ -205,21 +195,6 @@ class LargeBatchArguments(TrainingArguments):
                 raise ValueError("adaptive_batch_args is set but adaptive_batch is 'none'")
         else:
             self.adaptive_batch_config()  # parse now: a bad key or a missing max_batch_size fails before any work
-        for option, active in (("adaptive_batch", self.adaptive_batch != "none"),
-                               ("local_sgd_steps", self.local_sgd_steps > 0)):
-            if not active:
-                continue
-            if ds_config is not None:
-                raise ValueError(f"{option} is not supported under DeepSpeed: the engine fixes gradient accumulation "
-                                 "and its gradient reduction at initialisation. Use DDP (accelerate launch / torchrun)")
-            others = {"lr_scaling='adascale'": self.lr_scaling == "adascale",
-                      "lr_schedule='autowu'": self.lr_schedule == "autowu",
-                      f"adversarial={self.adversarial!r}": self.adversarial != "none",
-                      f"extrapolation={self.extrapolation!r}": self.extrapolation != "none"}
-            clash = [name for name, on in others.items() if on]
-            if clash:
-                raise ValueError(f"{option} cannot be combined with {', '.join(clash)} (both change what one "
-                                 "optimizer step is); use lr_scaling none | linear | sqrt | legw with it")
 
     def adaptive_batch_config(self) -> AdaptiveBatchConfig:
         return AdaptiveBatchConfig.from_string(self.adaptive_batch_args)

@@ -3,7 +3,7 @@ loss has passed its minimum, then decays to zero (ALGORITHMS.md section 3).
 
     warm-up:  lr_t = min_lr * gamma^t,  gamma = (max_lr / min_lr)^(1 / cap),  cap = warmup_fraction * T
     vote:     every ``vote_every`` optimizer steps, fit a GP (scikit-learn: constant * RBF(lengthscale, fixed)
-              + white noise) to all warm-up losses vs x = t / cap; on ``posteriors`` fresh subsamples predict the
+              + white noise) to all n warm-up losses vs x = t / n; on ``posteriors`` fresh subsamples predict the
               latent curve f on a grid of [0, x_now]; a posterior says yes if max_i P(f(x_i) < f(x_now)) > confidence;
               the vote is yes if at least ``min_yes`` posteriors say yes
     switch:   after ``patience`` consecutive yes-votes, or at the cap: lr <- the LR at the predicted minimum of f
@@ -17,11 +17,12 @@ Trainer integration: fed the globally averaged loss of every step (``on_step_los
 the result, so every rank takes the same decision; ``LargeBatchTrainer`` builds a ``LambdaLR`` on ``lr(step)``.
 
 [decide] ``learning_rate`` is AutoWU's ``max_lr`` (the top of the warm-up range; the spec's default is 1.0, so set
-it). Time is normalised by the warm-up cap, so x in [0, 1) during warm-up and the lengthscale 0.2 is a fifth of the
-longest warm-up. A non-finite loss is recorded as the largest finite loss so far (a divergence is a loss that
-stopped falling). The GP's "constant mean" is scikit-learn's ``normalize_y`` (the losses' mean and scale). The
-switch takes effect from the next optimizer step. ``const-cos`` starts its cosine at ``(1 - cos_fraction) T`` (or
-at the switch, if later).
+it). Time is normalised by the number of losses so far, as in the reference (kakaobrain/autowu,
+``Regressor.subsample_and_condition``): x in [0, 1) at every vote, the lengthscale 0.2 is a fifth of the history,
+and the vote on a loss history does not depend on the cap. A non-finite loss is recorded as the largest finite
+loss so far (a divergence is a loss that stopped falling). The GP's "constant mean" is scikit-learn's
+``normalize_y`` (the losses' mean and scale). The switch takes effect from the next optimizer step. ``const-cos``
+starts its cosine at ``(1 - cos_fraction) T`` (or at the switch, if later).
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ class AutoWUController:
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, len(self.votes)])
         y = np.asarray(self.losses, dtype=np.float64)
-        x = np.arange(len(y), dtype=np.float64) / self.cap
+        x = np.arange(len(y), dtype=np.float64) / len(y)  # time / history length (module docstring)
         if len(y) < 3 or np.ptp(y) == 0:  # nothing to fit yet: no, and stay where we are
             return Vote(False, 0.0, self.warmup_lr(len(y) - 1))
 
@@ -188,7 +189,7 @@ class AutoWUController:
             diff_var = np.maximum(var[:-1] + var[-1] - 2 * cov[:-1, -1], 1e-12)
             p_below = norm.cdf((mean[-1] - mean[:-1]) / np.sqrt(diff_var))  # P(f(x_i) < f(x_now))
             probabilities.append(float(p_below.max()))
-            lrs.append(self.warmup_lr(grid[int(np.argmin(mean)), 0] * self.cap))
+            lrs.append(self.warmup_lr(grid[int(np.argmin(mean)), 0] * len(y)))
         yes = sum(p > cfg.confidence for p in probabilities) >= cfg.min_yes
         return Vote(yes, float(np.median(probabilities)), float(np.mean(lrs)))
 
@@ -225,6 +226,19 @@ class AutoWU(Algorithm):
     optimizer through the ``LambdaLR`` that the trainer builds on ``controller.lr``."""
 
     name = "autowu"
+    option = "lr_schedule='autowu'"
+
+    def check(self, plan) -> None:
+        """AutoWU owns the whole LR schedule: no scaling rule, no warm-up of the user's, no user scheduler."""
+        if plan.lr_schedule != "autowu":
+            raise ValueError("an AutoWU callback needs lr_schedule='autowu' (it owns the LR schedule); got "
+                             f"lr_schedule={plan.lr_schedule!r}")
+        if plan.lr_scaling != "none":
+            raise ValueError(f"lr_schedule='autowu' finds the learning rate itself; it cannot be combined with "
+                             f"lr_scaling={plan.lr_scaling!r}. Use lr_scaling='none' and set learning_rate to the "
+                             "top of AutoWU's warm-up range (max_lr)")
+        if plan.warmup:
+            raise ValueError("lr_schedule='autowu' owns the warm-up: leave warmup_steps (and warmup_ratio) at 0")
 
     def __init__(self, config: AutoWUConfig | None = None):
         self.config = config or AutoWUConfig()

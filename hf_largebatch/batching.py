@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from .algorithm import Algorithm
+from .algorithm import Algorithm, final_save_and_evaluation
 from .option_strings import parse_key_values
 from .scaling import peak_lr_multiplier
 from .stats import VAR_FLOOR, BiasCorrectedEMA, GradientStatistics, unbiased_estimates
@@ -79,12 +79,16 @@ def example_variances(dot_sum: float, dot_sq_sum: float, sq_norm_sum: float, cou
 
 
 def grown_accumulation(requested_batch: float, accumulation: int, examples_per_micro_step: int,
-                       max_accumulation: int) -> int:
+                       max_accumulation: int, max_growth: float = math.inf) -> int:
     """The accumulation whose batch ``accumulation x examples_per_micro_step`` first reaches ``requested_batch``;
-    never smaller than now (the batch only grows), never above ``max_accumulation``."""
-    if not math.isfinite(requested_batch):
-        return max_accumulation
-    wanted = math.ceil(requested_batch / examples_per_micro_step - 1e-9)
+    never smaller than now (the batch only grows), at most ``max_growth`` times the current one (at least +1 when
+    growing), never above ``max_accumulation``. A nan request (no estimate) keeps the batch."""
+    if math.isnan(requested_batch):
+        return accumulation
+    wanted = (math.ceil(requested_batch / examples_per_micro_step - 1e-9) if math.isfinite(requested_batch)
+              else max_accumulation)
+    if wanted > accumulation and math.isfinite(max_growth):
+        wanted = min(wanted, max(math.floor(accumulation * max_growth), accumulation + 1))
     return min(max(accumulation, wanted), max_accumulation)
 
 
@@ -134,7 +138,12 @@ def all_ranks_max(value: int) -> int:
 @dataclass
 class AdaptiveBatchConfig:
     """``adaptive_batch_args``: the tests' constants (defaults of ALGORITHMS.md section 6), the cap, the number of
-    examples per rank for per-example statistics, the EMA coefficient and the test interval in steps."""
+    examples per rank for per-example statistics, the EMA coefficient, the test interval in steps and the largest
+    growth of the batch per test (``max_growth``: a factor; ``inf`` lets one test jump to any batch).
+
+    [decide] ``max_growth=2``: the smoothed statistics of the first steps rest on a handful of samples, and one
+    over-large estimate would otherwise move the batch (which never shrinks) straight to the cap; doubling per test
+    still reaches any batch in ``log2(cap / initial)`` tests."""
 
     max_batch_size: int = 0
     eta: float = 0.1
@@ -143,6 +152,7 @@ class AdaptiveBatchConfig:
     test_examples: int = 8
     smoothing: float = 0.9
     test_interval: int = 1
+    max_growth: float = 2.0
 
     @classmethod
     def from_string(cls, text: str | None) -> AdaptiveBatchConfig:
@@ -164,6 +174,8 @@ class AdaptiveBatchConfig:
             raise ValueError(f"adaptive_batch_args: smoothing must be in [0, 1), got {self.smoothing}")
         if self.test_interval < 1:
             raise ValueError(f"adaptive_batch_args: test_interval must be >= 1, got {self.test_interval}")
+        if not self.max_growth > 1:
+            raise ValueError(f"adaptive_batch_args: max_growth must be > 1 (a factor per test), got {self.max_growth}")
 
 
 # ---------------------------------------------------------------- the algorithm
@@ -176,6 +188,8 @@ class AdaptiveBatch(GradientStatistics):
     (for the batch-size plot)."""
 
     name = "adaptive_batch"
+    excludes = {other: "both change what one optimizer step is; use lr_scaling none | linear | sqrt | legw with it"
+                for other in ("autowu", "conadv", "extrapolation")}
 
     def __init__(self, test: str, config: AdaptiveBatchConfig, lr_scaling: str = "none",
                  base_batch_size: int | None = None, local_sgd_steps: int = 0):
@@ -185,6 +199,7 @@ class AdaptiveBatch(GradientStatistics):
         super().__init__(theta=config.smoothing, base_batch_size=base_batch_size)
         self.grad_sqr, self.grad_var = BiasCorrectedEMA(config.smoothing), BiasCorrectedEMA(config.smoothing)
         self.test, self.config, self.lr_scaling = test, config, lr_scaling
+        self.option = f"adaptive_batch={test!r}"
         self.local_sgd_steps = local_sgd_steps
         self.inner_var, self.orth_var, self.bar_sqr = (BiasCorrectedEMA(config.smoothing) for _ in range(3))
         self.accumulation = 0  # 0: not started (set by ``start``)
@@ -214,12 +229,6 @@ class AdaptiveBatch(GradientStatistics):
                              f"initial global batch {accumulation * examples} (per_device_train_batch_size "
                              f"{micro_batch_size} x gradient_accumulation_steps {accumulation} x world_size "
                              f"{world_size})")
-        if self.test == "norm" and self.local_sgd_steps == 0 and accumulation * world_size < 2:
-            raise ValueError("adaptive_batch='norm' estimates the variance from >= 2 micro-batch gradients per step: "
-                             "set gradient_accumulation_steps >= 2 (halve per_device_train_batch_size) or use 2 ranks")
-        if self.test == "norm" and self.local_sgd_steps > 0 and accumulation < 2:
-            raise ValueError("adaptive_batch='norm' with local SGD estimates each worker's variance from its own "
-                             ">= 2 micro-batch gradients: set gradient_accumulation_steps >= 2")
         self.micro_batch_size, self.world_size = micro_batch_size, world_size
         self.max_accumulation, self.budget_micro_batches = max_accumulation, budget_micro_batches
         if self.accumulation == 0:
@@ -252,7 +261,27 @@ class AdaptiveBatch(GradientStatistics):
         self.samples_seen += examples * self.world_size
 
     # -- statistics
+    def check(self, plan) -> None:
+        if plan.backend == "deepspeed":
+            raise ValueError(f"{self.option} is not supported under DeepSpeed: the engine fixes gradient accumulation "
+                             "and its gradient reduction at initialisation. Use DDP (accelerate launch / torchrun)")
+        if plan.user_scheduler:
+            raise ValueError(f"{self.option} runs the LR schedule on samples, but the scheduler passed in "
+                             "optimizers=(optimizer, scheduler) counts optimizer steps, whose batch grows: pass "
+                             "(optimizer, None) and choose the schedule with lr_scheduler_type")
+        if ("local_sgd" in plan.algorithms) != bool(self.local_sgd_steps):
+            raise ValueError(f"{self.option} with local SGD must know its period: configure both through the "
+                             "arguments (adaptive_batch and local_sgd_steps) or pass AdaptiveBatch(..., "
+                             "local_sgd_steps=H) with LocalSGD(H)")
+        if self.test == "norm" and self.local_sgd_steps == 0 and plan.micro_batches_per_step < 2:
+            raise ValueError("adaptive_batch='norm' estimates the variance from >= 2 micro-batch gradients per step: "
+                             "set gradient_accumulation_steps >= 2 (halve per_device_train_batch_size) or use 2 ranks")
+        if self.test == "norm" and self.local_sgd_steps > 0 and plan.accumulation < 2:
+            raise ValueError("adaptive_batch='norm' with local SGD estimates each worker's variance from its own "
+                             ">= 2 micro-batch gradients: set gradient_accumulation_steps >= 2")
+
     def on_train_begin(self, args, state, control, **kwargs):
+        self._world_size = args.world_size
         base = self._base_batch_size or getattr(args, "base_batch_size", None)
         self.base_batch_size = base or self.initial_batch_size
 
@@ -262,16 +291,14 @@ class AdaptiveBatch(GradientStatistics):
             return (global_step + 1) % self.local_sgd_steps == 0
         return (global_step + 1) % self.config.test_interval == 0
 
-    def on_reduced_gradients(self, args, state, control, *, grad_sq_norm, num_micro_batches,
+    def on_reduced_gradients(self, args, state, control, *, grad_sq_norm, num_micro_batches, num_examples=None,
                              example_gradients=None, **kwargs):
         self._device = grad_sq_norm.device  # where collectives run (a CUDA tensor under NCCL)
         if not self.local_sgd_steps:  # DDP: micro-batch norms of all ranks against the reduced gradient
-            # this step's batch (the last one of an epoch may be short) over B0, for the variance at B0
-            self.scale = num_micro_batches * self.micro_batch_size * self.world_size / self.base_batch_size
             super().on_reduced_gradients(args, state, control, grad_sq_norm=grad_sq_norm,
-                                         num_micro_batches=num_micro_batches)
+                                         num_micro_batches=num_micro_batches, num_examples=num_examples)
         elif self.is_test_step(state.global_step):
-            self._local_statistics(float(grad_sq_norm), num_micro_batches)
+            self._local_statistics(float(grad_sq_norm), num_micro_batches, num_examples)
         else:
             self._micro_norms, self._local_sq = [], None
         if not self.is_test_step(state.global_step):
@@ -280,24 +307,23 @@ class AdaptiveBatch(GradientStatistics):
             self._example_statistics(example_gradients, float(grad_sq_norm))
         self._decide()
 
-    def _local_statistics(self, grad_sq: float, num_micro_batches: int) -> None:
-        """Local SGD: each worker's own unbiased estimates (its micro-batches against its own gradient), averaged
-        over workers with one scalar all-reduce."""
-        self._flush_micro_batch()
-        local_sq = float(self._local_sq) if self._local_sq is not None else 0.0
-        self._local_sq = None
+    def _local_statistics(self, grad_sq: float, num_micro_batches: int, num_examples: int | None) -> None:
+        """Local SGD: each worker's own unbiased estimates (its micro-batches against its own gradient, weighted by
+        their shares of it), averaged over workers with one scalar all-reduce."""
+        weighted_sq, weights = self._take_local_sums(self._device).tolist()
         n = num_micro_batches
-        estimates = unbiased_estimates(local_sq / n, grad_sq, n) if n >= 2 else (math.nan, math.nan)
+        # the worker's own gradient is sum_i weight_i g_i: its shares are the loss weights (world_size x ours)
+        local_mean = weighted_sq / weights if weights > 0 else math.nan
+        estimates = unbiased_estimates(local_mean, grad_sq, n) if n >= 2 else (math.nan, math.nan)
         packed = backends.all_reduce_sum(torch.tensor([*estimates, 1.0], dtype=torch.float64, device=self._device))
         grad_sqr, micro_var, workers = packed.tolist()
         if not (math.isfinite(grad_sqr) and math.isfinite(micro_var)):
             self.skipped_steps += 1
             return
         grad_sqr, micro_var = grad_sqr / workers, micro_var / workers
-        var_base = max(micro_var * self.micro_batch_size / self.base_batch_size, VAR_FLOOR)
-        self.last_raw = (grad_sqr, var_base)
+        examples = num_examples if num_examples is not None else n * self.micro_batch_size
         self.grad_sqr.update(grad_sqr)
-        self.grad_var.update(var_base)
+        self.grad_var.update(max(micro_var * examples / n / self.base_batch_size, VAR_FLOOR))
 
     def _example_statistics(self, example_gradients, grad_sq: float) -> None:
         if example_gradients is None:
@@ -323,10 +349,11 @@ class AdaptiveBatch(GradientStatistics):
         self.bar_sqr.update(grad_sq)
 
     def requested(self) -> float:
-        """The batch the configured test asks for, from the smoothed statistics (nan before any)."""
+        """The batch the configured test asks for, from the smoothed statistics (nan while there is no estimate:
+        no statistics yet, or a smoothed ``||G||^2`` that is not positive)."""
         if self.test == "norm":
-            return norm_test_batch(self.noise_scale, self.config.eta) if self.grad_sqr.count else math.nan
-        if self.bar_sqr.count == 0:
+            return norm_test_batch(self.noise_scale, self.config.eta)  # noise_scale is nan without an estimate
+        if self.bar_sqr.count == 0 or not self.bar_sqr.value > 0:
             return math.nan
         inner = inner_product_test_batch(self.inner_var.value, self.bar_sqr.value, self.config.theta)
         if self.test == "inner_product":
@@ -338,7 +365,8 @@ class AdaptiveBatch(GradientStatistics):
         if math.isnan(self.requested_batch):
             return
         examples = self.micro_batch_size * self.world_size
-        wanted = grown_accumulation(self.requested_batch, self.accumulation, examples, self.max_accumulation)
+        wanted = grown_accumulation(self.requested_batch, self.accumulation, examples, self.max_accumulation,
+                                    self.config.max_growth)
         self._pending = all_ranks_max(wanted)
         self.history.append((self.samples_seen, self._pending * examples, self.requested_batch))
 
@@ -349,6 +377,8 @@ class AdaptiveBatch(GradientStatistics):
         state.epoch = self.epoch + self.position / self._steps_in_epoch
         if self.micro_batches_seen >= self.budget_micro_batches:
             control.should_training_stop = True
+            # HF's loop counts micro-batches here and may not reach its max_steps: the final save/eval are ours
+            final_save_and_evaluation(args, control, ("steps",))
 
     def lr_factor(self) -> float:
         """The scaling rule's multiplier at this step's batch (the last one of an epoch may be short) over the one
@@ -394,17 +424,37 @@ class LocalSGD(Algorithm):
 
     The optimizer state (momentum) stays local, as in local SGD; it is saved per rank with this algorithm's state
     and restored on resume (HF's checkpoint holds rank 0's only). Checkpoints must fall on synchronisation rounds,
-    where every rank holds the same weights (checked at ``train()``)."""
+    where every rank holds the same weights (checked at ``train()``); the end of training synchronises before its
+    final save and evaluation, wherever it falls."""
 
     name = "local_sgd"
+    excludes = {other: "both change what one optimizer step is; use lr_scaling none | linear | sqrt | legw with it"
+                for other in ("autowu", "conadv", "extrapolation")}
 
     def __init__(self, steps: int):
         if steps < 1:
             raise ValueError(f"local_sgd_steps must be >= 1, got {steps}")
         self.steps = steps
+        self.option = f"local_sgd_steps={steps}"
+        self._synced_step = -1
         self.syncs = 0
         self._optimizer = None
         self._loaded_optimizer_state = None
+
+    def check(self, plan) -> None:
+        """Refuses DeepSpeed, and checkpoints or evaluations between synchronisation rounds."""
+        if plan.backend == "deepspeed":
+            raise ValueError(f"{self.option} is not supported under DeepSpeed: the engine fixes its gradient "
+                             "reduction at initialisation. Use DDP (accelerate launch / torchrun)")
+        for kind in ("save", "eval"):
+            strategy = getattr(plan.args, f"{kind}_strategy")
+            strategy, every = str(getattr(strategy, "value", strategy)), getattr(plan.args, f"{kind}_steps")
+            if strategy == "no" or (strategy == "steps" and every and float(every).is_integer()
+                                    and every % self.steps == 0):
+                continue
+            raise ValueError(f"{self.option}: the ranks hold the same weights only every {self.steps} steps, so "
+                             f"{kind}_strategy must be 'no' or 'steps' with {kind}_steps a multiple of {self.steps} "
+                             f"(got {kind}_strategy={strategy!r}, {kind}_steps={every})")
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self._optimizer = optimizer
@@ -413,17 +463,21 @@ class LocalSGD(Algorithm):
             self._loaded_optimizer_state = None
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.steps == 0:
-            self.synchronize(model)
+        # every H steps, and at a save / evaluation / stop that falls between rounds (the end of training): a
+        # checkpoint must never hold one rank's unsynchronised weights
+        if (state.global_step % self.steps == 0 or control.should_save or control.should_evaluate
+                or control.should_training_stop or state.global_step >= state.max_steps):
+            self.synchronize(model, state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.steps:  # leave every rank with the same final model
-            self.synchronize(model)
+        if self._synced_step != state.global_step:  # leave every rank with the same final model
+            self.synchronize(model, state.global_step)
 
-    def synchronize(self, model) -> None:
+    def synchronize(self, model, step: int) -> None:
         tensors = [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
         average_across_ranks_(tensors)
         self.syncs += 1
+        self._synced_step = step
 
     def log_metrics(self) -> dict[str, float]:
         return {"local_sgd_syncs": self.syncs}

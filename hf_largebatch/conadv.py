@@ -275,16 +275,31 @@ class ConAdv(Algorithm):
     weights; ``LargeBatchTrainer`` asks it for the training batch of every micro-batch (``training_batch``).
 
     Add it through ``LargeBatchArguments(adversarial="conadv", adversarial_args="epsilon=...")`` or pass
-    ``ConAdv(ConAdvConfig(...))`` in ``callbacks`` (with the same ``adversarial`` setting).
+    ``ConAdv(ConAdvConfig(...))`` in ``callbacks`` (then ``adversarial`` is 'none' or the same mode).
     """
 
     name = "conadv"
+
+    def check(self, plan) -> None:
+        """No ZeRO-3 (the attack copy is a full model), no ``compute_loss_func``, no other ``adversarial`` mode."""
+        option = plan.args.adversarial if hasattr(plan.args, "adversarial") else "none"
+        if option not in ("none", self.mode):
+            raise ValueError(f"a ConAdv callback in mode {self.mode!r} needs adversarial={self.mode!r} (or 'none'); "
+                             f"got adversarial={option!r}")
+        if plan.zero_stage == 3:
+            raise ValueError(
+                f"{self.option} is not supported under DeepSpeed ZeRO-3: the attack runs on a full copy of the "
+                "model, which ZeRO-3 partitions across ranks. Use ZeRO-1/2 (recipes/configs/ds_zero2.json) or DDP.")
+        if plan.custom_loss:
+            raise ValueError(f"{self.option} builds the loss of [clean; adversarial] itself; it cannot be combined "
+                             "with compute_loss_func")
 
     def __init__(self, config: ConAdvConfig, mode: str = "conadv"):
         if mode not in ADVERSARIAL_MODES[1:]:
             raise ValueError(f"ConAdv mode must be one of {ADVERSARIAL_MODES[1:]}, got {mode!r}")
         self.config = config
         self.mode = mode
+        self.option = f"adversarial={mode!r}"
         self.attack_model: torch.nn.Module | None = None
         self._pending_state: dict | None = None
         self._loss_sum: torch.Tensor | float = 0.0

@@ -72,6 +72,19 @@ class Extrapolation(Algorithm):
     skipped, e.g. an fp16 overflow)."""
 
     name = "extrapolation"
+    excludes = {"conadv": "the adversarial attack would copy the extrapolated weights x~ as its 'previous step' "
+                          "weights"}
+
+    def check(self, plan) -> None:
+        """DeepSpeed: no ZeRO-3 (x~ is set on partitioned parameters), no 'past' (partitioned reduced gradients)."""
+        if plan.zero_stage == 3:
+            raise ValueError(
+                f"{self.option} is not supported under DeepSpeed ZeRO-3: the extrapolated point is set on the "
+                "module's parameters, which ZeRO-3 partitions across ranks. Use ZeRO-1/2 or DDP.")
+        if self.mode == "past" and plan.backend == "deepspeed":
+            raise ValueError(
+                "extrapolation='past' is not supported under DeepSpeed: it keeps each parameter's reduced gradient, "
+                "which ZeRO holds as partitioned flat buffers. Use extrapolation='fresh' (or DDP).")
 
     def __init__(self, mode: str, ratio: float = 1.0):
         if mode not in EXTRAPOLATIONS[1:]:
@@ -80,6 +93,7 @@ class Extrapolation(Algorithm):
             raise ValueError(f"extrapolation_ratio must be > 0, got {ratio}")
         self.mode = mode
         self.ratio = ratio
+        self.option = f"extrapolation={mode!r}"
         self.past: list[torch.Tensor] | None = None
         self._saved: list[torch.Tensor] | None = None
         self._params: list[torch.Tensor] = []

@@ -1,15 +1,22 @@
 """Gradient statistics (ALGORITHMS.md section 0): the true gradient's squared norm and the gradient variance,
 estimated without bias from the ``n = world_size x micro-batches`` micro-batch gradients of every optimizer step.
 
-* ``L = mean_i ||g_i||^2``: local squared norms, read by a tensor hook during each micro-batch's backward (before
+* ``L = sum_i w_i ||g_i||^2``: local squared norms, read by a tensor hook during each micro-batch's backward (before
   any all-reduce and before accumulation into ``.grad``), divided by the micro-batch's loss weight so each ``g_i``
-  is that micro-batch's own mean-loss gradient; summed over ranks with one scalar all-reduce per step.
-* ``T = ||g_bar||^2``: the reduced gradient, before clipping, loss scale removed (``on_reduced_gradients``).
+  is that micro-batch's own mean-loss gradient; summed over ranks with one small all-reduce per step. ``w_i`` is the
+  micro-batch's share of the reduced gradient ``g_bar = sum_i w_i g_i`` (``1/n`` under the ``mean`` rule, its share
+  of the step's label tokens under ``tokens``): weighting ``L`` like ``g_bar`` keeps the estimates unbiased when
+  micro-batches hold different token counts (each ``g_i`` a per-token mean of variance ``v / tokens_i``).
+* ``T = ||g_bar||^2``: the reduced gradient, before clipping, loss scale removed (``on_reduced_gradients``), with
+  the norms taken in fp32 (``reduced_sq_norm``: bf16 norms lose ~1e-3, which the difference ``n T - L`` amplifies).
 
 Then ``||G||^2 ~ (n T - L) / (n - 1)`` and the variance of one micro-batch gradient ``~ n (L - T) / (n - 1)``.
-We store the variance at the *base* batch (``S (L - T) / (n - 1)``), so a change of S needs no rescaling, and the
+We store the variance at the *base* batch (``S_step (L - T) / (n - 1)``, with ``S_step`` = this step's examples /
+B0, so a short last accumulation group is measured at its own batch), so a change of S needs no rescaling, and the
 gradient noise scale ``B_simple = tr(Sigma) / ||G||^2 = B0 * var_B0 / ||G||^2`` (McCandlish et al. 2018), from
-separately smoothed numerator and denominator.
+separately smoothed numerator and denominator. With few micro-batches a single step's ``||G||^2`` estimate is often
+``<= 0`` (floored to 0 before smoothing, as the spec says): while the *smoothed* value is not positive there is no
+estimate (``has_estimate`` is false, ``noise_scale`` is nan) and no decision may be taken from it.
 
 [decide] With ``n = 1`` there is no unbiased estimate: we refuse with a message that says how to get ``n >= 2``
 (gradient accumulation or a second rank) rather than offer a biased differenced estimator.
@@ -34,6 +41,12 @@ def unbiased_estimates(local_sq_mean: float, reduced_sq: float, n: int) -> tuple
     grad_sqr = (n * reduced_sq - local_sq_mean) / (n - 1)
     micro_var = n * (local_sq_mean - reduced_sq) / (n - 1)
     return max(grad_sqr, 0.0), max(micro_var, 0.0)
+
+
+def reduced_sq_norm(grads: list[torch.Tensor], loss_scale: float = 1.0) -> torch.Tensor:
+    """``sum_p ||grad_p||^2 / loss_scale^2`` in fp32: each norm upcasts before squaring (a bf16 norm would round)."""
+    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+    return norms.square().sum() / loss_scale ** 2
 
 
 def smoothing_for_scale(scale: float) -> float:
@@ -77,32 +90,41 @@ class GradientStatistics(Algorithm):
 
     name = "gradient_statistics"
 
+    option = "callbacks=[NoiseScaleMonitor()]"
+    #: the reduced gradient is rank-local under local SGD (every backward under no_sync)
+    excludes = {"local_sgd": "local SGD never all-reduces gradients, so the 'reduced' gradient T would be each rank's "
+                             "own; adaptive_batch with local_sgd_steps measures the workers' local statistics instead"}
+
     def __init__(self, theta: float | None = None, base_batch_size: int | None = None):
         self._theta = theta
         self._base_batch_size = base_batch_size
         self.grad_sqr = BiasCorrectedEMA(0.0)
         self.grad_var = BiasCorrectedEMA(0.0)
-        self.last_raw: tuple[float, float] | None = None
         self.skipped_steps = 0
         self._local_sq = None
         self._micro_norms: list[torch.Tensor] = []
         self._micro_weight = 1.0
-        self.scale = 1.0
+        self._world_size = 1
+        self.base_batch_size = base_batch_size or 1
+        self.scale = 1.0  # the configured S = B / B0
+        self.step_scale = 1.0  # the last measured step's own batch / B0 (smaller for a short last group)
 
     # -- setup
-    def on_train_begin(self, args, state, control, **kwargs):
-        world = args.world_size
-        ga = args.gradient_accumulation_steps
-        if world * ga < 2:
+    def check(self, plan) -> None:
+        """Refused at ``train()`` before any work: fewer than 2 micro-batch gradients per step."""
+        if plan.micro_batches_per_step < 2:
             raise ValueError(
                 f"{type(self).__name__} needs at least 2 micro-batch gradients per optimizer step for an unbiased "
-                f"estimate, but world_size x gradient_accumulation_steps = {world} x {ga} = 1. Set "
-                "gradient_accumulation_steps >= 2 (same global batch: halve per_device_train_batch_size) or run "
-                "on >= 2 ranks.")
+                f"estimate, but world_size x gradient_accumulation_steps = {plan.world_size} x {plan.accumulation} "
+                "= 1. Set gradient_accumulation_steps >= 2 (same global batch: halve per_device_train_batch_size) "
+                "or run on >= 2 ranks.")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._world_size = args.world_size
         base = self._base_batch_size or getattr(args, "base_batch_size", None)
-        global_batch = args.per_device_train_batch_size * ga * world
+        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         self.base_batch_size = base or global_batch
-        self.scale = global_batch / self.base_batch_size
+        self.scale = self.step_scale = global_batch / self.base_batch_size
         if self.grad_sqr.count == 0:  # fresh run (a resumed one keeps its restored averages)
             theta = smoothing_for_scale(self.scale) if self._theta is None else self._theta
             self.grad_sqr, self.grad_var = BiasCorrectedEMA(theta), BiasCorrectedEMA(theta)
@@ -117,44 +139,64 @@ class GradientStatistics(Algorithm):
         self._flush_micro_batch()
 
     def _flush_micro_batch(self) -> None:
-        """Add the finished micro-batch's ``||g_i||^2`` to this step's local sum. Also called when the reduced
-        gradients arrive: under DeepSpeed they do inside the last backward, before ``on_micro_batch_end``."""
+        """Add the finished micro-batch's ``w_i ||g_i||^2`` and ``w_i`` to this step's local sums. Also called when
+        the reduced gradients arrive: under DeepSpeed they do inside the last backward, before
+        ``on_micro_batch_end``. The hook gradient is ``loss weight x g_i``; the micro-batch's share of the reduced
+        gradient is ``w_i = loss weight / world_size`` (ranks are averaged)."""
         if not self._micro_norms:
             return
-        sq = torch.stack(self._micro_norms).square().sum() / (self._micro_weight * self._micro_weight)
+        weight = self._micro_weight
+        share = weight / self._world_size
+        sq = torch.stack(self._micro_norms).square().sum() * (share / (weight * weight))
         self._micro_norms = []
-        self._local_sq = sq if self._local_sq is None else self._local_sq + sq
+        step = torch.stack([sq, torch.as_tensor(share, dtype=torch.float32, device=sq.device)])
+        self._local_sq = step if self._local_sq is None else self._local_sq + step
 
-    # -- per step: one scalar all-reduce, then the estimates
-    def on_reduced_gradients(self, args, state, control, *, grad_sq_norm, num_micro_batches, **kwargs):
+    def _take_local_sums(self, device) -> torch.Tensor:
+        """``[sum_i w_i ||g_i||^2, sum_i w_i]`` of this rank's micro-batches of the step (and reset them)."""
         self._flush_micro_batch()
-        device = grad_sq_norm.device
-        local = self._local_sq if self._local_sq is not None else torch.zeros((), device=device)
+        local = self._local_sq if self._local_sq is not None else torch.zeros(2, device=device)
         self._local_sq = None
-        packed = torch.stack([local.float().to(device), torch.tensor(float(num_micro_batches), device=device)])
-        backends.all_reduce_sum(packed)
-        total_sq, n = packed.tolist()
-        n = int(round(n))
-        self.update(total_sq / n, float(grad_sq_norm), n)
+        return local.float().to(device)
 
-    def update(self, local_sq_mean: float, reduced_sq: float, n: int) -> None:
-        """One step's ``L``, ``T``, ``n`` into the smoothed estimates. Skipped (the previous estimates stand) when
-        anything is non-finite, or when the step had a single micro-batch (the short last accumulation group of an
-        epoch whose micro-batches do not divide by gradient_accumulation_steps)."""
+    # -- per step: one small all-reduce, then the estimates
+    def on_reduced_gradients(self, args, state, control, *, grad_sq_norm, num_micro_batches, num_examples=None,
+                             **kwargs):
+        """``num_micro_batches`` and ``num_examples``: this rank's counts in this step (the step's real batch)."""
+        device = grad_sq_norm.device
+        examples = float(num_micro_batches * args.per_device_train_batch_size if num_examples is None
+                         else num_examples)
+        packed = torch.cat([self._take_local_sums(device),
+                            torch.tensor([float(num_micro_batches), examples], device=device)])
+        backends.all_reduce_sum(packed)
+        weighted_sq, weights, n, examples = packed.tolist()
+        self.update(weighted_sq / weights if weights > 0 else math.nan, float(grad_sq_norm), int(round(n)),
+                    examples / self.base_batch_size)
+
+    def update(self, local_sq_mean: float, reduced_sq: float, n: int, step_scale: float | None = None) -> None:
+        """One step's ``L``, ``T``, ``n`` (and its batch over B0, default the configured S) into the smoothed
+        estimates. Skipped (the previous estimates stand) when anything is non-finite, or when the step had a single
+        micro-batch (the short last accumulation group of an epoch with one micro-batch)."""
         if n < 2 or not (math.isfinite(local_sq_mean) and math.isfinite(reduced_sq)):
             self.skipped_steps += 1
             return
+        self.step_scale = self.scale if step_scale is None else step_scale
         grad_sqr, micro_var = unbiased_estimates(local_sq_mean, reduced_sq, n)
-        var_base = max(micro_var * self.scale / n, VAR_FLOOR)  # variance of a gradient over B0 examples
-        self.last_raw = (grad_sqr, var_base)
         self.grad_sqr.update(grad_sqr)
-        self.grad_var.update(var_base)
+        self.grad_var.update(max(micro_var * self.step_scale / n, VAR_FLOOR))  # a gradient over B0 examples
+
+    @property
+    def has_estimate(self) -> bool:
+        """A positive smoothed ``||G||^2`` exists: only then may a gain or a batch be decided from the statistics."""
+        return self.grad_sqr.count > 0 and self.grad_sqr.value > 0
 
     @property
     def noise_scale(self) -> float:
-        """``B_simple`` in examples: ``tr(Sigma) / ||G||^2`` from the smoothed numerator and denominator."""
-        sqr = self.grad_sqr.value
-        return self.grad_var.value * self.base_batch_size / sqr if sqr > 0 else float("inf")
+        """``B_simple`` in examples: ``tr(Sigma) / ||G||^2`` from the smoothed numerator and denominator (nan while
+        the smoothed ``||G||^2`` is not positive: no estimate yet)."""
+        if not self.has_estimate:
+            return math.nan
+        return self.grad_var.value * self.base_batch_size / self.grad_sqr.value
 
     def log_metrics(self) -> dict[str, float]:
         if self.grad_sqr.count == 0:

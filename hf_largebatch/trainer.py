@@ -24,14 +24,16 @@ from transformers.optimization import get_scheduler
 
 from . import backends
 from . import loss as loss_rules
-from .adascale import AdaScale
+from .adascale import AdaScale, innermost_optimizer
 from .algorithm import EVENTS, Algorithm
+from .composition import RunPlan, check_composition
 from .autowu import AutoWU
 from .batching import EXAMPLE_TESTS, AdaptiveBatch, LocalSGD, per_example_gradients
 from .conadv import ConAdv, micro_batch_seed
 from .extrapolation import Extrapolation, local_gradient, noise_seed
 from .optimizers import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
 from .scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier
+from .stats import reduced_sq_norm
 
 ALGORITHM_STATE_FILE = "hf_largebatch_algorithms_rank{rank}.pt"
 
@@ -70,6 +72,7 @@ class LargeBatchTrainer(Trainer):
         self._micro_step = 0
         self._micro_weight = 1.0
         self._step_loss_sum = None
+        self._step_examples = 0
         self._applied_lrs: list[float] = []
         self._reduced_fired = False
         self._lr_applied_fired = False
@@ -137,9 +140,7 @@ class LargeBatchTrainer(Trainer):
     # ------------------------------------------------------------------ optimizer and LR ownership
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        inner = optimizer  # on a second train() this is Accelerate's wrapper, which takes no step hooks
-        while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
-            inner = inner.optimizer
+        inner = innermost_optimizer(optimizer)  # on a second train() it is in Accelerate's wrapper (no step hooks)
         if not getattr(inner, "_hf_largebatch_hooked", False):
             inner.register_step_pre_hook(self._before_optimizer_step)
             inner.register_step_post_hook(self._after_optimizer_step)
@@ -379,10 +380,13 @@ class LargeBatchTrainer(Trainer):
             self._reduced_fired = False
             self._lr_applied_fired = False
             self._step_loss_sum = None
+            self._step_examples = 0
             if self._extrapolator is not None:
+                model.train()  # the direction in training mode (HF's training_step sets it only after this)
                 self._extrapolate(model, inputs)
             if self._adaptive is not None and self._adaptive.test in EXAMPLE_TESTS:
                 self._test_inputs = inputs  # the per-example test statistics are taken on its first examples
+        self._step_examples += _num_examples(inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step_loss_sum = loss if self._step_loss_sum is None else self._step_loss_sum + loss
         last = self.accelerator.sync_gradients
@@ -417,11 +421,11 @@ class LargeBatchTrainer(Trainer):
             self._muted_hooks = False
 
     def _mean_loss(self, model, inputs) -> torch.Tensor:
-        """The micro-batch's own mean loss: per example, or per label token under the token rule."""
+        """The micro-batch's own mean loss: per example, or per label token under the token rule; the training
+        objective itself (HF's loss, with its ``label_smoothing_factor``)."""
         labels = inputs.get("labels")
         if self._loss_mode(labels) != "tokens":
-            outputs = model(**inputs)
-            return outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+            return Trainer.compute_loss(self, model, dict(inputs))
         summed, _ = self._summed_token_loss(model, inputs)
         return summed / loss_rules.count_label_tokens(labels, self._shifts_labels).clamp(min=1)
 
@@ -440,8 +444,7 @@ class LargeBatchTrainer(Trainer):
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         loss_scale = self._loss_scale()
         if grads:
-            norms = torch._foreach_norm(grads)
-            sq = torch.stack([n.float() for n in norms]).square().sum() / loss_scale ** 2
+            sq = reduced_sq_norm(grads, loss_scale)
         else:  # DeepSpeed ZeRO: gradients live in the engine's partitions, the engine has the global norm
             norm = getattr(getattr(self.model_wrapped, "optimizer", None), "_global_grad_norm", None)
             if norm is None:
@@ -451,7 +454,8 @@ class LargeBatchTrainer(Trainer):
         if self._test_inputs is not None:
             extra["example_gradients"] = partial(self._example_gradients, self._test_inputs, loss_scale)
         self._fire("on_reduced_gradients", model=self.model, grad_sq_norm=sq,
-                   num_micro_batches=self.current_gradient_accumulation_steps, loss_scale=loss_scale, **extra)
+                   num_micro_batches=self.current_gradient_accumulation_steps, num_examples=self._step_examples,
+                   loss_scale=loss_scale, **extra)
         self._test_inputs = None
 
     def _example_gradients(self, inputs, loss_scale, count):
@@ -510,26 +514,12 @@ class LargeBatchTrainer(Trainer):
     def train(self, *args, **kwargs):
         self._micro_step = 0
         self._index_listeners()  # callbacks may have been added since __init__
-        if self._adascale() is not None and self._option("lr_scaling") != "adascale":
-            raise ValueError("an AdaScale callback needs lr_scaling='adascale' (it owns the LR gain and progress); "
-                             f"got lr_scaling={self._option('lr_scaling')!r}")
-        adversary = self._adversary
-        if adversary is not None and adversary.mode != self._option("adversarial"):
-            raise ValueError(f"a ConAdv callback in mode {adversary.mode!r} needs adversarial={adversary.mode!r}; "
-                             f"got adversarial={self._option('adversarial')!r}")
-        if adversary is not None and self.compute_loss_func is not None:
-            raise ValueError("adversarial training builds the loss of [clean; adversarial] itself; it cannot be "
-                             "combined with compute_loss_func")
-        if self._autowu() is not None and self._option("lr_schedule") != "autowu":
-            raise ValueError("an AutoWU callback needs lr_schedule='autowu' (it owns the LR schedule); got "
-                             f"lr_schedule={self._option('lr_schedule')!r}")
+        check_composition(self.algorithms, self.run_plan())
         if self._option("lr_scaling") == "adascale":
             # The budget is the base run's: T_base optimizer steps at B0 (an upper bound, since the gain r >= 1).
             if self.args.max_steps <= 0:
                 self.args.max_steps = math.ceil(self.args.num_train_epochs * self._update_steps_per_epoch()
                                                 * self.scale)
-        if self._local_sgd is not None:
-            self._check_local_sgd_cadence()
         restore_args = self._start_adaptive_batch() if self._adaptive is not None else {}
         if self._wanted("on_local_gradient"):
             for name, param in self.model.named_parameters():
@@ -543,6 +533,31 @@ class LargeBatchTrainer(Trainer):
             self._grad_hook_handles = []
             for name, value in restore_args.items():
                 setattr(self.args, name, value)
+
+    def run_plan(self) -> RunPlan:
+        """What the algorithms' checks may ask about this run (``composition.py``), from the arguments as the user
+        gave them (before an adaptive batch takes the accumulation over)."""
+        args = self.args
+        ds_config = backends.load_deepspeed_config(getattr(args, "deepspeed", None))
+        if self.optimizer is not None:
+            optimizer_cls = type(innermost_optimizer(self.optimizer))
+        else:
+            try:
+                optimizer_cls = self.get_optimizer_cls_and_kwargs(args, self.model)[0]
+            except (ImportError, ValueError):  # e.g. an 8-bit optimizer whose package is missing: fails later
+                optimizer_cls = None
+        return RunPlan(
+            world_size=args.world_size, accumulation=args.gradient_accumulation_steps,
+            per_device_batch_size=args.per_device_train_batch_size, base_batch_size=self._option("base_batch_size"),
+            backend="deepspeed" if ds_config else ("ddp" if args.world_size > 1 else "single"),
+            zero_stage=backends.zero_stage(ds_config),
+            precision="fp16" if args.fp16 else ("bf16" if args.bf16 else "fp32"),
+            optim=str(getattr(args.optim, "value", args.optim)), optimizer_cls=optimizer_cls, lr_scaling=self._option("lr_scaling"),
+            lr_schedule=self._option("lr_schedule"),
+            warmup=bool(args.warmup_steps or getattr(args, "warmup_ratio", 0)),
+            custom_loss=self.compute_loss_func is not None,
+            user_scheduler=self.lr_scheduler is not None and not getattr(self, "_created_lr_scheduler", False),
+            algorithms=tuple(alg.name for alg in self.algorithms), args=args)
 
     def _start_adaptive_batch(self) -> dict:
         """Hand the accumulation to the adaptive batch: HF's loop runs with 1 (one ``_StepBatches`` per step) and
@@ -560,18 +575,6 @@ class LargeBatchTrainer(Trainer):
         if args.max_steps > 0:
             args.max_steps = budget
         return saved
-
-    def _check_local_sgd_cadence(self) -> None:
-        """Under local SGD the ranks' weights agree only at synchronisation rounds: save and evaluate there."""
-        steps = self._local_sgd.steps
-        for kind in ("save", "eval"):
-            strategy = getattr(self.args, f"{kind}_strategy")
-            strategy, every = str(getattr(strategy, "value", strategy)), getattr(self.args, f"{kind}_steps")
-            if strategy == "no" or (strategy == "steps" and every and float(every).is_integer() and every % steps == 0):
-                continue
-            raise ValueError(f"local_sgd_steps={steps}: the ranks hold the same weights only every {steps} steps, so "
-                             f"{kind}_strategy must be 'no' or 'steps' with {kind}_steps a multiple of {steps} (got "
-                             f"{kind}_strategy={strategy!r}, {kind}_steps={every})")
 
     def _local_gradient_hook(self, name, param):
         """The tensor hook of one parameter: hands its local micro-batch gradient to the listening algorithms.

@@ -153,21 +153,6 @@ def reach_set_up(*args, **kwargs):
     raise SetUpReached
 
 
-@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"])
-def test_adamscale_under_deepspeed_is_refused(tmp_path, monkeypatch, optim):
-    """AdamScale's preconditioned statistics need per-parameter Adam state, which ZeRO shards: refused before any
-    DeepSpeed work; AdaScale with a non-Adam optimizer passes (its DeepSpeed statistics are tested against DDP)."""
-    path = tmp_path / "ds_config.json"
-    path.write_text(json.dumps(ZERO2))
-
-    monkeypatch.setattr(backends, "prepare_cpu_deepspeed", reach_set_up)
-    expected = (pytest.raises(ValueError, match=r"\(AdamScale\) is not supported under DeepSpeed.*Use DDP")
-                if "adam" in optim else pytest.raises(SetUpReached))
-    with expected:
-        LargeBatchArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], deepspeed=str(path),
-                            lr_scaling="adascale", base_batch_size=8, optim=optim)
-
-
 @pytest.mark.parametrize("optim", ["lars", "lamb", "adamp"])
 def test_trust_ratio_optimizers_under_deepspeed_are_refused(tmp_path, monkeypatch, optim):
     """ZeRO hands a client optimizer flattened shards: per-layer trust ratios would be wrong, so refused up front."""

@@ -1,0 +1,66 @@
+"""One composition check over the algorithms a run actually has, however they were configured.
+
+``LargeBatchTrainer`` builds a ``RunPlan`` (world size, accumulation, backend, precision, optimizer name, the rules
+in force) at ``train()`` and hands it, with its ``Algorithm`` callbacks, to ``check_composition``: every algorithm
+checks what it needs (``Algorithm.check``), and every pair is refused when either ``excludes`` the other. The
+algorithms come from options (``LargeBatchArguments``) or from ``callbacks=[...]`` alike, so the same combination
+gets the same message both ways; nothing depends on which option strings were set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the algorithms may ask about a run before it starts."""
+
+    world_size: int
+    accumulation: int  # micro-batches per rank per step as configured (before an adaptive batch takes over)
+    per_device_batch_size: int
+    base_batch_size: int | None
+    backend: str  # "single" | "ddp" | "deepspeed"
+    zero_stage: int  # 0 outside DeepSpeed
+    precision: str  # "fp32" | "fp16" | "bf16"
+    optim: str  # the optimizer's name in the arguments (``optim``)
+    optimizer_cls: type | None  # the class of the optimizer the run will use (None: not importable here)
+    lr_scaling: str
+    lr_schedule: str
+    warmup: bool  # warmup_steps or warmup_ratio set
+    custom_loss: bool  # compute_loss_func given
+    user_scheduler: bool  # a scheduler passed in ``optimizers=(optimizer, scheduler)``
+    algorithms: tuple[str, ...]  # the ``name`` of every algorithm present
+    args: Any  # the training arguments, for what only one algorithm asks about (cadence, its own option)
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.world_size * self.accumulation
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.per_device_batch_size * self.accumulation * self.world_size
+
+    @property
+    def scale(self) -> float:
+        return self.global_batch_size / self.base_batch_size if self.base_batch_size else 1.0
+
+
+def describe(algorithm) -> str:
+    """How a message names an algorithm: its class and the option that turns it on."""
+    option = f" ({algorithm.option})" if algorithm.option else ""
+    return f"{type(algorithm).__name__}{option}"
+
+
+def check_composition(algorithms, plan: RunPlan) -> None:
+    """Raise ``ValueError`` for the first algorithm the run cannot host or the first pair that cannot run together
+    (in the order of their names, so the message does not depend on the order they were added in)."""
+    algorithms = sorted(algorithms, key=lambda algorithm: algorithm.name)
+    for algorithm in algorithms:
+        algorithm.check(plan)
+    for a, b in combinations(algorithms, 2):
+        reason = a.excludes.get(b.name) or b.excludes.get(a.name)
+        if reason:
+            raise ValueError(f"{describe(a)} cannot be combined with {describe(b)}: {reason}. Remove one of them")
