@@ -4,6 +4,7 @@ Mixed precision: fp16 runs on CPU too, with fp16 autocast and a real ``torch.amp
 ``use_cpu_grad_scaler`` (accelerate makes the scaler only on an accelerator); the cases marked ``gpu`` run the same
 checks with accelerate's own CUDA scaler and are skipped without CUDA (they have not run yet: no GPU was lent)."""
 
+import math
 import tempfile
 
 import numpy as np
@@ -137,3 +138,75 @@ def test_monitor_refuses_a_single_micro_batch():
                                 callbacks=[NoiseScaleMonitor()])
     with pytest.raises(ValueError, match="gradient_accumulation_steps >= 2"):
         trainer.train()
+
+
+# ---------------------------------------------------------------- review defects (each failed on the old code)
+def test_reduced_norm_of_bf16_gradients_is_taken_in_fp32():
+    """The reduced norm upcasts before squaring: a bf16 norm rounds to ~1e-3, which n T - L amplifies."""
+    from hf_largebatch.stats import reduced_sq_norm
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4097, generator=g).bfloat16() for _ in range(8)]
+    exact = sum(float(x.double().square().sum()) for x in grads)
+    assert float(reduced_sq_norm(grads)) == pytest.approx(exact, rel=1e-5)
+    # the former path (torch._foreach_norm on bf16, upcast after) is off by far more
+    old = float(torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum())
+    assert abs(old - exact) / exact > 1e-4
+
+
+def feed_step(stats, micro_grads, weights, world=1):
+    """One step through the algorithm's events: hook gradients ``weight x g_i``, then the reduced gradient."""
+    for g, w in zip(micro_grads, weights):
+        stats.on_local_gradient(None, None, None, name="w", param=None, grad=w * g, weight=w)
+        stats.on_micro_batch_end(None, None, None)
+    reduced = sum(w * g for g, w in zip(micro_grads, weights)) / world
+    stats.on_reduced_gradients(ARGS, None, None, grad_sq_norm=reduced.double().square().sum().float(),
+                               num_micro_batches=len(micro_grads), num_examples=8 * len(micro_grads))
+
+
+class _Args:
+    per_device_train_batch_size, gradient_accumulation_steps, world_size, base_batch_size = 8, 2, 1, 16
+
+
+ARGS = _Args()
+
+
+def test_token_weighted_micro_batches_give_an_unbiased_squared_norm():
+    """Under the token rule g_bar = sum_i (tokens_i / N) g_i; with 100 and 300 tokens (per-token variance v) the
+    equally weighted L biased ||G||^2 by -Dv/600; weighting L like g_bar removes it."""
+    rng = np.random.default_rng(0)
+    dim, per_token_var, tokens = 50, 4.0, np.array([100, 300])
+    G = np.full(dim, 0.2)  # ||G||^2 = 2
+    weights = tokens / tokens.sum()
+    estimates = []
+    for _ in range(4000):
+        stats = NoiseScaleMonitor(theta=0.0)
+        stats.on_train_begin(ARGS, None, None)
+        grads = [torch.tensor(G + rng.normal(0, np.sqrt(per_token_var / t), dim), dtype=torch.float32)
+                 for t in tokens]
+        feed_step(stats, grads, [float(w) for w in weights])
+        estimates.append(stats.grad_sqr.value)
+    # unfloored, the old estimator's mean was 2 - 50*4/600 = 1.667; the floor at 0 barely matters here
+    assert np.mean(estimates) == pytest.approx(float(G @ G), rel=0.03)
+
+
+def test_short_last_group_measures_the_variance_at_its_own_batch():
+    """n = 2 of 4 micro-batches: the variance at B0 is S_step (L - T)/(n - 1) with S_step = its 16 examples / B0,
+    not the configured S (which inflated it 2x: 12.46 against 6.25 in the review)."""
+    stats = NoiseScaleMonitor(theta=0.0)
+    args = _Args()
+    args.gradient_accumulation_steps = 4
+    stats.on_train_begin(args, None, None)
+    g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])
+    feed_step(stats, [g1, g2], [0.5, 0.5])
+    L, T = (1 + 9) / 2, float(((g1 + g2) / 2).square().sum())
+    assert stats.grad_var.value == pytest.approx((16 / 16) * (L - T) / (2 - 1))
+    assert stats.step_scale == 1.0 and stats.scale == 2.0
+
+
+def test_no_estimate_from_a_non_positive_squared_norm():
+    """A step whose ||G||^2 estimate is <= 0 (floored to 0) gives no noise scale (was inf), so nothing is decided."""
+    stats = NoiseScaleMonitor(theta=0.0)
+    stats.on_train_begin(ARGS, None, None)
+    feed_step(stats, [torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])], [0.5, 0.5])  # T = 0 < L / n
+    assert stats.grad_sqr.value == 0.0 and not stats.has_estimate
+    assert math.isnan(stats.noise_scale)
