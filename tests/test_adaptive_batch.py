@@ -10,7 +10,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
-from hf_largebatch.batching import (AdaptiveBatchConfig, example_variances, grown_accumulation,
+from hf_largebatch.batching import (AdaptiveBatch, AdaptiveBatchConfig, example_variances, grown_accumulation,
                                     inner_product_test_batch, norm_test_batch, orthogonality_test_batch)
 from helpers import (IndexedClassifier, TinyLinearClassifier, digits_dataset, flat_params, indexed_points,
                      single_thread, tiny_resnet)
@@ -229,3 +229,19 @@ def test_config_parses_all_keys():
                                              "smoothing=0.5,test_interval=3")
     assert (config.max_batch_size, config.eta, config.theta, config.nu, config.test_examples, config.smoothing,
             config.test_interval) == (512, 0.2, 0.4, 0.9, 4, 0.5, 3)
+
+
+def test_first_steps_with_a_floored_squared_norm_do_not_jump_to_the_cap():
+    """Review defect: with n = 2 the first step's ||G||^2 estimate is often <= 0, floored to 0; the noise scale was
+    inf and the batch (which only grows) went to max_batch_size after one step. Now: no decision without a positive
+    smoothed ||G||^2, then at most max_growth (2x) per test."""
+    alg = AdaptiveBatch("norm", AdaptiveBatchConfig(max_batch_size=1024))
+    alg.start(2, 16, 1, 10_000)
+    alg.base_batch_size = 32
+    alg.update(local_sq_mean=2.0, reduced_sq=0.5, n=2)  # (2*0.5 - 2) / 1 < 0: floored
+    alg._decide()
+    assert math.isnan(alg.requested_batch) and alg._pending is None
+    alg.update(local_sq_mean=2.0, reduced_sq=1.02, n=2)  # a tiny positive estimate: a huge request
+    alg._decide()
+    assert alg.requested_batch > 1024 and alg._pending == 4  # 2 -> 4 micro-batches, not 64
+    assert grown_accumulation(math.inf, 2, 16, 64, 2.0) == 4 and grown_accumulation(math.nan, 2, 16, 64) == 2
