@@ -12,6 +12,7 @@ Public API::
     ConAdv, ConAdvConfig   adversarial training on stale weights (added for adversarial="conadv"|"sequential")
 """
 
+from . import hf_private_api  # noqa: F401  first: refuses a transformers whose private API we override changed
 from .adascale import AdaScale
 from .algorithm import Algorithm
 from .autowu import AutoWU, AutoWUConfig

@@ -182,3 +182,16 @@ def test_adamscale_statistics_follow_gradient_noise_not_unseen_embedding_rows(tm
         assert len(positive) > 10 and positive.max() / positive.min() < 100  # no jump of orders of magnitude
         assert np.all(np.array(run.gains)[sqr <= 0] == 1.0)  # no gain of S from a non-positive estimate
     assert np.mean(learnable.sqr[-10:]) > 5 * np.mean(noise.sqr[-10:])
+
+
+@pytest.mark.parametrize("strategy", ["steps", "epoch"])
+def test_run_ends_with_a_final_checkpoint_and_evaluation(tmp_path, strategy):
+    """Review defect 3: AdaScale stops on progress before HF's max_steps, where DefaultFlowCallback would save and
+    evaluate: the last checkpoint and evaluation were lost. Both now happen at the final step, as in a fixed run."""
+    trainer, _, _ = make(tmp_path, base=8, epochs=2, save_strategy=strategy, save_steps=1000, eval_strategy=strategy,
+                         eval_steps=1000, eval_dataset=digits_dataset(64))
+    trainer.train()
+    final = trainer.state.global_step
+    assert final < trainer.state.max_steps  # stopped by progress
+    assert (tmp_path / f"checkpoint-{final}").is_dir()
+    assert [h["step"] for h in trainer.state.log_history if "eval_loss" in h][-1] == final
