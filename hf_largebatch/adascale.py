@@ -210,7 +210,7 @@ class AdaScale(GradientStatistics):
             self._local_sq = torch.stack([local, weights.to(local.device)]).to(grad_sq_norm.device)
         super().on_reduced_gradients(args, state, control, grad_sq_norm=grad_sq_norm,
                                      num_micro_batches=num_micro_batches, **kwargs)
-        if self.has_estimate:  # until then the gain stays at its last value (1 at the start)
+        if self.grad_sqr.count:  # the golden test: orthogonal gradients (||G||^2 estimate 0) give r = S
             self.gain = adascale_gain(self.grad_var.value, self.grad_sqr.value, self.step_scale)
 
     def lr_factor(self) -> float:
