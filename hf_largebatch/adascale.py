@@ -17,9 +17,9 @@ Integration (thin; the maths is ``adascale_gain``):
   in logs are counted on progress, in base-batch steps and base epochs.
 
 [decide] Clipping: statistics are taken before clipping (the paper has none); the gain multiplies the LR of the
-clipped update. [decide] ``r_0``: the first step already has its own statistics, so its gain is used — once the
-smoothed ``||G||^2`` is positive; until then (a single step's estimate with few micro-batches is often ``<= 0``) the
-gain stays 1: no gain of S is taken from a non-positive estimate. [decide] ``S < 1`` is refused (AdaScale scales up
+clipped update. [decide] ``r_0``: the first step already has its own statistics, so its gain is used; a smoothed
+``||G||^2`` of 0 gives ``r = S`` (the spec's golden case: orthogonal gradients); unlike the adaptive batch, whose
+decision is irreversible, a gain is taken again every step. [decide] ``S < 1`` is refused (AdaScale scales up
 from the base batch; its gain would lie in ``[S, 1]`` and the budget ``T_base`` would not bound the steps).
 
 AdamScale (Adam-family optimisers): the gain is ``sqrt(r)`` and the statistics are those of preconditioned gradients
@@ -139,6 +139,7 @@ class AdaScale(GradientStatistics):
         self._optimizer = innermost_optimizer(optimizer)
         self._kind = optimizer_kind(optimizer)
         self.adam = self._kind is not None
+        self._groups = {p: g for g in self._optimizer.param_groups for p in g["params"]}  # (beta2, eps) by parameter
         self._sq_sums = {}
         micro = len(train_dataloader)
         ga = args.gradient_accumulation_steps
@@ -185,7 +186,6 @@ class AdaScale(GradientStatistics):
 
     def _preconditioned_sums(self, model, loss_scale: float, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(this rank's ``sum_i w_i ||g_i / P||^2``, ``||g_bar / P||^2``)."""
-        self._groups = {p: g for g in self._optimizer.param_groups for p in g["params"]}
         local, reduced = [], []
         for p in model.parameters():
             if p.grad is None:

@@ -24,8 +24,6 @@ class RunPlan:
     base_batch_size: int | None
     backend: str  # "single" | "ddp" | "deepspeed"
     zero_stage: int  # 0 outside DeepSpeed
-    precision: str  # "fp32" | "fp16" | "bf16"
-    optim: str  # the optimizer's name in the arguments (``optim``)
     optimizer_cls: type | None  # the class of the optimizer the run will use (None: not importable here)
     lr_scaling: str
     lr_schedule: str

@@ -16,7 +16,7 @@ B0, so a short last accumulation group is measured at its own batch), so a chang
 gradient noise scale ``B_simple = tr(Sigma) / ||G||^2 = B0 * var_B0 / ||G||^2`` (McCandlish et al. 2018), from
 separately smoothed numerator and denominator. With few micro-batches a single step's ``||G||^2`` estimate is often
 ``<= 0`` (floored to 0 before smoothing, as the spec says): while the *smoothed* value is not positive there is no
-estimate (``has_estimate`` is false, ``noise_scale`` is nan) and no decision may be taken from it.
+estimate (``has_estimate`` is false, ``noise_scale`` is nan) and the adaptive batch decides nothing from it.
 
 [decide] With ``n = 1`` there is no unbiased estimate: we refuse with a message that says how to get ``n >= 2``
 (gradient accumulation or a second rank) rather than offer a biased differenced estimator.

@@ -178,8 +178,9 @@ def test_adamscale_statistics_follow_gradient_noise_not_unseen_embedding_rows(tm
     learnable, noise = adamscale_on_text(tmp_path, "learnable"), adamscale_on_text(tmp_path, "random")
     for run in (learnable, noise):
         sqr = np.array(run.sqr)
-        positive = sqr[sqr > 0]
-        assert len(positive) > 10 and positive.max() / positive.min() < 100  # no jump of orders of magnitude
+        positive = sqr[sqr > 0]  # (floored first estimates are 0; the EMA then rises from them)
+        steps = positive[1:] / positive[:-1]
+        assert len(positive) > 10 and steps.max() < 1e3  # no jump of orders of magnitude (old code: 5e5 at step 6)
     assert np.mean(learnable.sqr[-10:]) > 5 * np.mean(noise.sqr[-10:])
 
 

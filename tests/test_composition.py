@@ -95,7 +95,7 @@ def plan(**overrides):
     """A RunPlan as LargeBatchTrainer.run_plan() builds it, for refusals that need a backend not runnable in one
     CPU process (DeepSpeed: its 2-rank runs are in test_multiprocess.py)."""
     values = dict(world_size=1, accumulation=2, per_device_batch_size=8, base_batch_size=8, backend="single",
-                  zero_stage=0, precision="fp32", optim="sgd", optimizer_cls=torch.optim.SGD, lr_scaling="adascale",
+                  zero_stage=0, optimizer_cls=torch.optim.SGD, lr_scaling="adascale",
                   lr_schedule="hf", warmup=False, custom_loss=False, user_scheduler=False, algorithms=(),
                   args=LargeBatchArguments(output_dir="unused", use_cpu=True, report_to=[]))
     values.update(overrides)
