@@ -68,8 +68,8 @@ def adascale_gain(var_base: float, grad_sqr: float, scale: float) -> float:
 
 def innermost_optimizer(optimizer):
     """The user's optimizer inside Accelerate's / DeepSpeed's wrappers."""
-    inner = optimizer
-    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+    inner = optimizer  # DeepSpeed's ZeRO optimizer is no torch Optimizer, but holds the client one too
+    while hasattr(getattr(inner, "optimizer", None), "param_groups"):
         inner = inner.optimizer
     return inner
 
