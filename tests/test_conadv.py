@@ -223,14 +223,8 @@ def test_pixel_epsilon_without_normalisation_fails_before_training(tmp_path):
                           train_dataset=digits_dataset(32))
 
 
-def test_zero3_is_refused(tmp_path):
-    config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}
-    with pytest.raises(ValueError, match="ZeRO-3"):
-        make_args(tmp_path, deepspeed=config, use_cpu=False)
-
-
 def test_callback_mode_must_match_arguments(tmp_path):
-    trainer = LargeBatchTrainer(model=tiny_resnet(), args=make_args(tmp_path, "none", None),
+    trainer = LargeBatchTrainer(model=tiny_resnet(), args=make_args(tmp_path, "conadv"),
                                 train_dataset=digits_dataset(32),
                                 callbacks=[ConAdv(ConAdvConfig(epsilon=0.1), "sequential")])
     with pytest.raises(ValueError, match="adversarial='sequential'"):
