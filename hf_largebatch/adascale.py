@@ -219,6 +219,7 @@ class AdaScale(GradientStatistics):
 
     # -- progress, stopping and cadence on tau
     def on_step_begin(self, args, state, control, **kwargs):
+        super().on_step_begin(args, state, control, **kwargs)
         self._previous = self.progress
 
     def on_lr_applied(self, args, state, control, *, learning_rate, **kwargs):

@@ -91,6 +91,24 @@ def zero_stage(config: dict[str, Any] | None) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
+def deepspeed_loss_scale(engine) -> float:
+    """The loss scale DeepSpeed's fp16 applied in this step's backward (1 without fp16).
+
+    DeepSpeed scales the loss itself (Accelerate's GradScaler is not used), so the per-micro-batch hook gradients
+    carry this scale while the engine's global norm ``_global_grad_norm`` is already unscaled. The ZeRO-1/2/3 and
+    fp16 optimizers expose the dynamic scaler's current value as ``loss_scale``; it changes only inside the
+    optimizer's ``step`` (after an overflow or a window of good steps), so the value read during a backward is the
+    one that backward used."""
+    if not engine.fp16_enabled():
+        return 1.0
+    scale = getattr(engine.optimizer, "loss_scale", None)
+    if scale is None:
+        raise RuntimeError(f"DeepSpeed fp16 is on but its optimizer {type(engine.optimizer).__name__} has no "
+                           "'loss_scale': the gradient statistics cannot remove the loss scale. Use bf16, or a "
+                           "deepspeed version in the tested range (pyproject.toml)")
+    return float(scale)
+
+
 def prepare_cpu_deepspeed(accelerator_config: Any) -> Any:
     """Make Accelerate count the real world when DeepSpeed runs on CPU under torchrun/accelerate.
 

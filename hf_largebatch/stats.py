@@ -129,6 +129,12 @@ class GradientStatistics(Algorithm):
             theta = smoothing_for_scale(self.scale) if self._theta is None else self._theta
             self.grad_sqr, self.grad_var = BiasCorrectedEMA(theta), BiasCorrectedEMA(theta)
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        """Start the step's local sums afresh: a step whose update never ran (DeepSpeed skips the optimizer on an
+        fp16 overflow, and with it ``on_reduced_gradients``) must not leak its micro-batches into the next step."""
+        self._local_sq = None
+        self._micro_norms = []
+
     # -- per micro-batch: local norms, no host sync
     def on_local_gradient(self, args, state, control, *, grad, weight, **kwargs):
         # one norm kernel per parameter; squared, summed and unweighted once per micro-batch (fewer launches)

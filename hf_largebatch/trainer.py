@@ -507,7 +507,10 @@ class LargeBatchTrainer(Trainer):
         return self._loss_scale() if self._wanted("on_local_gradient") else 1.0
 
     def _loss_scale(self) -> float:
-        """The fp16 GradScaler's current scale (1 without one): hook and ``.grad`` values carry it."""
+        """The fp16 loss scale that hook and ``.grad`` values carry (1 without one): DeepSpeed's own loss scaler
+        under DeepSpeed, Accelerate's GradScaler otherwise."""
+        if self.is_deepspeed_enabled:
+            return backends.deepspeed_loss_scale(self.model_wrapped)
         scaler = getattr(self.accelerator, "scaler", None)
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 

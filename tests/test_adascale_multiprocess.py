@@ -2,6 +2,8 @@
 the same micro-batches, rank consistency, and DeepSpeed ZeRO-1/2/3 agreeing with DDP."""
 
 
+import json
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,8 @@ GOLDEN = [{"name": kind, "model": kind, "per_device": 1, "ga": 2, "steps": 1, "l
           for kind in ("orthogonal", "identical")]
 STATS = {"name": "stats", "model": "gaussian", "per_device": 4, "ga": 2, "steps": 16, "lr": 0.1,
          "callbacks": ["adascale_raw"], "args": {"lr_scaling": "adascale", "base_batch_size": 4}}
+# lr 0: the weights never move, so a step's statistics depend only on its data, whichever steps an fp16 run skipped
+STATS_LR0 = {**STATS, "name": "stats_lr0", "lr": 0.0, "steps": 48}
 
 
 def step_logs(result, key="adascale_gain"):
@@ -22,7 +26,7 @@ def step_logs(result, key="adascale_gain"):
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
-    return run_workers(tmp_path_factory.mktemp("ddp"), [*GOLDEN, STATS])
+    return run_workers(tmp_path_factory.mktemp("ddp"), [*GOLDEN, STATS, STATS_LR0])
 
 
 def test_golden_gains(ddp):
@@ -61,3 +65,34 @@ def test_deepspeed_statistics_match_ddp(tmp_path, ddp, config):
         assert len(ds_logs) == len(ddp_logs) >= 4
         for key in ("grad_sqr", "grad_var", "adascale_gain", "progress", "learning_rate"):
             np.testing.assert_allclose([h[key] for h in ds_logs], [h[key] for h in ddp_logs], rtol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_fp16_statistics_remove_its_loss_scale(tmp_path, ddp, stage):
+    """DeepSpeed fp16 scales the loss with its own dynamic loss scaler (Accelerate's GradScaler is not used): the
+    hook gradients carry that scale, the engine's global norm does not. Starting at 2^16, the first steps overflow
+    (DeepSpeed skips them and halves the scale); every applied step's statistics must equal the fp32 DDP run's at
+    the same step (same data, weights fixed by lr 0), and a skipped step must not leak into the next one.
+    DeepSpeed's fp16 runs on CPU with one capability flag patched (``allow_deepspeed_fp16_on_cpu``)."""
+    config = tmp_path / f"ds_zero{stage}_fp16.json"
+    config.write_text(json.dumps({
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "zero_optimization": {"stage": stage},
+        "fp16": {"enabled": "auto", "initial_scale_power": 16, "loss_scale_window": 1000}}))
+    run = {**STATS_LR0, "args": {**STATS_LR0["args"], "fp16": True}}
+    result = run_workers(tmp_path, [run], deepspeed=str(config), deepspeed_fp16_on_cpu=True)
+    fp32 = {h["step"]: h for h in step_logs(ddp[0]["stats_lr0"])}
+    for rank in result:
+        assert rank["stats_lr0"]["dist_world_size"] == 2
+        logs = step_logs(rank["stats_lr0"])
+        applied = [h for before, h in zip([{"progress": 0.0}, *logs], logs) if h["progress"] > before["progress"]]
+        assert 0 < len(logs) - len(applied) < len(logs) / 2, "expected the first steps (scale 2^16) to overflow"
+        compared = [h for h in applied if h["step"] in fp32]  # the fp32 run ends sooner: it skipped no step
+        assert len(compared) >= 8
+        for h in compared:
+            reference = fp32[h["step"]]
+            # fp16 gradients carry ~1e-3 relative error, which the difference n T - L amplifies in ||G||^2: its
+            # tolerance is taken relative to the variance it is measured against
+            for key, tolerance in (("grad_sqr", 1e-2 * reference["grad_var"]), ("grad_var", 0.0),
+                                   ("adascale_gain", 0.0)):
+                assert h[key] == pytest.approx(reference[key], rel=1e-2, abs=tolerance), (key, h["step"])

@@ -28,10 +28,12 @@ def expected_legw_lrs(lr0=0.1, scale=8, warmup=8, total=12):
             peak * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup))) for t in range(total)]
 
 
-def run_workers(tmp_path, runs, deepspeed=None):
-    spec = {"runs": runs}
+def run_workers(tmp_path, runs, deepspeed=None, deepspeed_fp16_on_cpu=False):
+    """``deepspeed``: a config of recipes/configs, or a path; ``deepspeed_fp16_on_cpu``: see
+    ``workers/train_worker.py::allow_deepspeed_fp16_on_cpu``."""
+    spec = {"runs": runs, "deepspeed_fp16_on_cpu": deepspeed_fp16_on_cpu}
     if deepspeed:
-        spec["deepspeed"] = str(REPO / "recipes" / "configs" / deepspeed)
+        spec["deepspeed"] = str(REPO / "recipes" / "configs" / deepspeed)  # an absolute path stays itself
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     launch("tests/workers/train_worker.py", [str(tmp_path / "spec.json"), str(tmp_path)])
     return read_rank_results(tmp_path)
