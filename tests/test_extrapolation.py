@@ -5,6 +5,7 @@ gradient hooks do not see the extrapolation pass; resume is exact; bad input is 
 import numpy as np
 import pytest
 import torch
+from transformers import PretrainedConfig
 
 from hf_largebatch import Algorithm, LargeBatchArguments, LargeBatchTrainer
 from hf_largebatch.extrapolation import noise_seed
@@ -24,21 +25,28 @@ def make_args(out, mode, ga=1, steps=3, **kw):
     return LargeBatchArguments(**base)
 
 
-def train_recording_batches(out, mode, ga):
-    """Train, and record every forward's inputs (the extrapolation pass runs the same module first)."""
+def train_recording_batches(out, mode, ga, **kw):
+    """Train, and record every forward's inputs and their labels (the extrapolation pass runs the same module
+    first). HF pops ``labels`` before the forward under label smoothing: they are looked up by example then."""
     model = TinyLinearClassifier()
+    model.config = PretrainedConfig()  # HF's Trainer reads it when label_smoothing_factor is set
+    data = random_points(64)
+    label_of = {tuple(x.tolist()): y for x, y in zip(data.columns["x"], data.columns["labels"])}
     seen = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append((kwargs["x"].clone(),
-                                                                         kwargs["labels"].clone())),
-                                    with_kwargs=True)
-    trainer = LargeBatchTrainer(model=model, args=make_args(out, mode, ga), train_dataset=random_points(64))
+
+    def record(module, args, kwargs):
+        x = kwargs["x"].clone()
+        seen.append((x, torch.stack([label_of[tuple(row.tolist())] for row in x])))
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    trainer = LargeBatchTrainer(model=model, args=make_args(out, mode, ga, **kw), train_dataset=data)
     trainer.train()
     return model, trainer, seen
 
 
-def reference_run(mode, ga, seen, steps=3):
+def reference_run(mode, ga, seen, steps=3, label_smoothing=0.0):
     """EXTRAP-SGD by hand: d, x~ = x - lr d, h = mean of the micro-batch mean-loss gradients at x~, restore x,
-    Nesterov SGD from x with h (torch.optim.SGD)."""
+    Nesterov SGD from x with h (torch.optim.SGD); the loss is the (label-smoothed) cross-entropy."""
     model = TinyLinearClassifier()
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=True)
@@ -46,7 +54,8 @@ def reference_run(mode, ga, seen, steps=3):
     past = None
 
     def grad_of(x, y):
-        return torch.autograd.grad(model(x, y)["loss"], params)
+        loss = torch.nn.functional.cross_entropy(model(x)["logits"], y, label_smoothing=label_smoothing)
+        return torch.autograd.grad(loss, params)
 
     for step in range(steps):
         if mode == "fresh":
@@ -87,6 +96,28 @@ def test_step_equals_hand_computed_extragradient_step(tmp_path, mode, ga):
     buffers = [trainer.optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
     for mine, theirs in zip(buffers, (opt.state[p]["momentum_buffer"] for p in reference.parameters())):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
+
+
+def test_direction_uses_the_training_objective_with_label_smoothing(tmp_path):
+    """The direction's loss is the training loss itself: with ``label_smoothing_factor`` the smoothed
+    cross-entropy, in the extrapolation pass as in the step's own gradient."""
+    model, _, seen = train_recording_batches(tmp_path, "fresh", 2, label_smoothing_factor=0.2)
+    reference, _ = reference_run("fresh", 2, seen, label_smoothing=0.2)
+    np.testing.assert_allclose(flat_params(model), flat_params(reference), rtol=0, atol=1e-6)
+
+
+def test_direction_is_taken_in_training_mode(tmp_path):
+    """A model handed over in eval mode (``from_pretrained`` returns one) and the model after each evaluation run:
+    the extrapolation pass, the step's first forward, must already run in training mode (dropout on, BatchNorm on
+    batch statistics), like the step's own micro-batches."""
+    model = TinyLinearClassifier().eval()
+    modes = []
+    model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    args = make_args(tmp_path, "fresh", eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=16)
+    LargeBatchTrainer(model=model, args=args, train_dataset=random_points(64),
+                      eval_dataset=random_points(16, seed=1)).train()
+    # each step: the extrapolation pass and the micro-batch (training), then one evaluation batch
+    assert modes == [True, True, False] * 3
 
 
 def test_extrapolation_changes_the_trajectory(tmp_path):
