@@ -245,3 +245,20 @@ def test_first_steps_with_a_floored_squared_norm_do_not_jump_to_the_cap():
     alg._decide()
     assert alg.requested_batch > 1024 and alg._pending == 4  # 2 -> 4 micro-batches, not 64
     assert grown_accumulation(math.inf, 2, 16, 64, 2.0) == 4 and grown_accumulation(math.nan, 2, 16, 64) == 2
+
+
+@pytest.mark.parametrize("budget", [{"max_steps": 24}, {"num_train_epochs": 2}])
+def test_run_ends_with_a_final_checkpoint_and_evaluation(tmp_path, budget):
+    """Review defect 3: a grown batch spends the budget of samples in fewer optimizer steps than HF's ``max_steps``
+    (which counts micro-batches), where DefaultFlowCallback would save and evaluate: the last checkpoint and
+    evaluation were lost. Both now happen at the final step, as in a fixed-batch run."""
+    model = IndexedClassifier()
+    args = make_args(tmp_path, save_strategy="steps", save_steps=1000, eval_strategy="steps", eval_steps=1000,
+                     **budget)
+    trainer = LargeBatchTrainer(model=model, args=args, train_dataset=indexed_points(),
+                                eval_dataset=indexed_points(32))
+    trainer.train()
+    final = trainer.state.global_step
+    assert trainer._adaptive.batch_size > 2 * MICRO and final < trainer.state.max_steps  # grew: fewer steps
+    assert (tmp_path / f"checkpoint-{final}").is_dir()
+    assert [h["step"] for h in trainer.state.log_history if "eval_loss" in h] == [final]

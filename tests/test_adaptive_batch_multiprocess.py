@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
 from helpers import REPO, IndexedClassifier, flat_params, indexed_points, launch, read_rank_results, single_thread
@@ -68,6 +70,19 @@ def test_local_sgd_averages_every_h_steps_and_trains_locally_in_between(tmp_path
         resumed = json.loads((tmp_path / f"rank{rank}_resumed.json").read_text())
         np.testing.assert_allclose(resumed["final_params"], uninterrupted["final_params"], atol=1e-6)
         np.testing.assert_allclose(resumed["before"][0]["params"], uninterrupted["before"][3]["params"], atol=1e-6)
+
+
+def test_local_sgd_final_checkpoint_holds_the_averaged_weights(tmp_path):
+    """Review defect 11: with max_steps % H != 0 the checkpoint at max_steps was written before the end-of-training
+    average, holding rank 0's own weights. The ranks now synchronise before any save."""
+    r0, r1 = run_worker(tmp_path, "local_sgd_final")
+    assert r0["global_step"] == 8 and r0["final_params"] == r1["final_params"]
+    last0, last1 = np.array(r0["before"][-1]["params"]), np.array(r1["before"][-1]["params"])
+    assert not np.allclose(last0, last1)  # step 8 is not a synchronisation round: the ranks differ before it
+    np.testing.assert_allclose(r0["final_params"], (last0 + last1) / 2, atol=1e-6)
+    saved = load_file(str(tmp_path / "checkpoint-8" / "model.safetensors"))
+    checkpoint = torch.cat([saved[name].reshape(-1) for name in IndexedClassifier().state_dict()])
+    np.testing.assert_allclose(checkpoint.numpy(), r0["final_params"], atol=1e-6)
 
 
 def test_local_sgd_grows_local_batches_at_synchronisation_rounds(tmp_path):

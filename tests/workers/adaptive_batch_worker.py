@@ -4,6 +4,7 @@ Usage: adaptive_batch_worker.py OUT_DIR MODE [CHECKPOINT]
   ddp_adaptive    DDP, norm test, 1 micro-batch per rank to start
   local_sgd       local SGD with H = 3, fixed batch, checkpoints every 3 steps (CHECKPOINT: resume from it)
   local_adaptive  local SGD with H = 2 and the norm test at synchronisation rounds
+  local_sgd_final local SGD with H = 3 and max_steps = 8: the final checkpoint falls between two rounds
 
 Writes OUT_DIR/rank{r}.json: world size, per-step examples and parameters (before and after the algorithms'
 step end), the adaptive batch's history and the indices this rank trained on (rank{r}_resumed.json after a
@@ -43,6 +44,8 @@ def main(out_dir: str, mode: str, resume: str | None = None) -> None:
                              adaptive_batch_args="max_batch_size=64,eta=0.5,smoothing=0"),
         "local_sgd": dict(gradient_accumulation_steps=1, local_sgd_steps=3, max_steps=9, save_strategy="steps",
                           save_steps=3),
+        "local_sgd_final": dict(gradient_accumulation_steps=1, local_sgd_steps=3, max_steps=8,
+                                save_strategy="steps", save_steps=3),
         "local_adaptive": dict(gradient_accumulation_steps=2, local_sgd_steps=2, adaptive_batch="norm",
                                adaptive_batch_args="max_batch_size=128,eta=0.5,smoothing=0"),
     }[mode]
