@@ -56,6 +56,12 @@ _OPTIMIZER_KINDS = {torch.optim.SGD: None, optimizers.LARS: None, torch.optim.Ad
                     torch.optim.Adam: "eps_after", optimizers.LAMB: "eps_after", optimizers.AdamP: "eps_before"}
 
 
+#: AdamScale: a row enters the statistics once its second moment rests on this many (coverage-weighted) steps.
+#: With v_hat from k samples a noise coordinate's (g / P)^2 follows an F(1, k) law, of infinite variance for k <= 4:
+#: single huge ratios then dominate the smoothed statistics for hundreds of steps.
+MIN_SECOND_MOMENT_SAMPLES = 5
+
+
 def adascale_gain(var_base: float, grad_sqr: float, scale: float) -> float:
     """``r = (var + sqr) / (var/S + sqr)``, in ``[1, S]`` for ``S >= 1``; exactly 1 at ``S = 1``."""
     if scale < 1:
@@ -64,6 +70,24 @@ def adascale_gain(var_base: float, grad_sqr: float, scale: float) -> float:
         return 1.0
     gain = (var_base + grad_sqr) / (var_base / scale + grad_sqr)
     return min(max(gain, 1.0), scale)
+
+
+def row_shape(param_like: torch.Tensor) -> tuple[int, ...]:
+    """The shape of a per-row quantity, broadcastable to the parameter: ``[rows, 1, ...]`` (a vector or a scalar
+    is one row)."""
+    if param_like.dim() <= 1:
+        return (1,) * max(param_like.dim(), 1)
+    return (param_like.shape[0],) + (1,) * (param_like.dim() - 1)
+
+
+def row_coverage(coverage: torch.Tensor, grad: torch.Tensor, beta2: float) -> torch.Tensor:
+    """``c_t = beta2 c_{t-1} + (1 - beta2) [row touched at t]``, a row touched when any of its gradient entries is
+    non-zero. On a row touched every step ``c_t = 1 - beta2^t``, Adam's own bias correction; on a row touched k
+    times, ``v_t / c_t`` is the mean of its ``g^2`` over those steps, where Adam's ``v_t / (1 - beta2^t)`` counts
+    the steps that missed it as zeros (the remnant of the ``g / eps`` pitfall)."""
+    rows = coverage.shape[0] if grad.dim() > 1 else 1
+    touched = grad.reshape(rows, -1).ne(0).any(dim=1)
+    return coverage.mul(beta2).add_(touched.reshape(coverage.shape).to(coverage.dtype), alpha=1 - beta2)
 
 
 def innermost_optimizer(optimizer):
@@ -116,6 +140,9 @@ class AdaScale(GradientStatistics):
         self._base_steps_per_epoch = 1.0
         self._previous = 0.0
         self._sq_sums: dict = {}  # AdamScale: per parameter, sum_i w_i (g_i / weight_i)^2 of this step
+        self._coverage: dict = {}  # AdamScale: per parameter, the EMA of "this row was touched" (row_coverage)
+        self._pending_coverage: dict = {}  # this step's, committed when its update runs
+        self._restored_coverage: list | None = None  # from a checkpoint, in parameter order, until train begins
 
     # -- setup
     def check(self, plan) -> None:
@@ -140,7 +167,10 @@ class AdaScale(GradientStatistics):
         self._kind = optimizer_kind(optimizer)
         self.adam = self._kind is not None
         self._groups = {p: g for g in self._optimizer.param_groups for p in g["params"]}  # (beta2, eps) by parameter
-        self._sq_sums = {}
+        self._sq_sums, self._pending_coverage = {}, {}
+        if self._restored_coverage is not None:
+            self._coverage = {p: c for p, c in zip(self._groups, self._restored_coverage) if c.numel()}
+            self._restored_coverage = None
         micro = len(train_dataloader)
         ga = args.gradient_accumulation_steps
         self._base_steps_per_epoch = max(micro // ga + int(micro % ga > 0), 1) * self.scale
@@ -166,46 +196,59 @@ class AdaScale(GradientStatistics):
         else:
             super().on_micro_batch_end(args, state, control, **kwargs)
 
-    def _preconditioner(self, param, reduced: torch.Tensor, clip: float) -> torch.Tensor:
-        """``P_t`` of this step for ``param`` from its reduced gradient (times Adam's clip coefficient)."""
+    def _preconditioner(self, param, reduced: torch.Tensor) -> torch.Tensor | None:
+        """The statistics' ``P`` for ``param``: the preconditioner Adam applied in the *previous* step, its bias
+        correction counted per row (``row_coverage``); ``inf`` on rows whose second moment rests on fewer than
+        ``MIN_SECOND_MOMENT_SAMPLES`` steps (they drop out), None when no row of the parameter qualifies. This step's coverage (from its reduced gradient) waits in
+        ``_pending_coverage`` until the update runs (``on_lr_applied``)."""
         group = self._groups[param]
         beta2, eps = group["betas"][1], group["eps"]
         st = self._optimizer.state.get(param) or {}
-        step = float(st.get("step", 0)) + 1
-        g = reduced.float() * clip
+        g = reduced.float()
         if group.get("weight_decay") and type(self._optimizer) is torch.optim.Adam \
                 and not group.get("decoupled_weight_decay"):
-            g = g + group["weight_decay"] * param.detach().float()  # torch Adam's L2 decay enters v
-        v = g.square().mul_(1 - beta2)
-        if "exp_avg_sq" in st:
-            v.add_(st["exp_avg_sq"].float(), alpha=beta2)
-        correction = 1 - beta2 ** step
+            g = g + group["weight_decay"] * param.detach().float()  # torch Adam's L2 decay: every row is touched
+        coverage = self._coverage.get(param)
+        if coverage is None:  # rows are taken as dense over the optimizer's earlier steps (none in a fresh run)
+            coverage = torch.full(row_shape(g), 1 - beta2 ** float(st.get("step", 0)), device=g.device)
+        self._pending_coverage[param] = row_coverage(coverage, g, beta2)
+        if "exp_avg_sq" not in st:
+            return None
+        v = st["exp_avg_sq"].float()
+        correction = coverage.clamp(min=1e-30)
         if self._kind == "eps_after":
-            return v.div_(correction).sqrt_().add_(eps)
-        return v.sqrt_().add_(eps).div_(math.sqrt(correction))
+            precond = v.div(correction).sqrt_().add_(eps)
+        else:
+            precond = v.sqrt().add_(eps).div_(correction.sqrt())
+        too_short = coverage < 1 - beta2 ** MIN_SECOND_MOMENT_SAMPLES
+        if bool(too_short.all()):
+            return None
+        return precond.masked_fill_(too_short.expand_as(precond), math.inf)
 
-    def _preconditioned_sums(self, model, loss_scale: float, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this rank's ``sum_i w_i ||g_i / P||^2``, ``||g_bar / P||^2``)."""
+    def _preconditioned_sums(self, model, loss_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's ``sum_i w_i ||g_i / P||^2``, ``||g_bar / P||^2``); both nan while no row has enough
+        second-moment history (the first ``MIN_SECOND_MOMENT_SAMPLES`` steps: no estimate, the gain stays 1)."""
         local, reduced = [], []
         for p in model.parameters():
             if p.grad is None:
                 continue
-            denom = self._preconditioner(p, p.grad / loss_scale, clip)
-            reduced.append((p.grad.float() / loss_scale / denom).square().sum())
             sq_sum = self._sq_sums.get(p)
+            denom = self._preconditioner(p, p.grad / loss_scale)
+            if denom is None:
+                continue
+            reduced.append((p.grad.float() / loss_scale / denom).square().sum())
             if sq_sum is not None:
                 local.append(sq_sum.div_(denom.square()).sum())
         self._sq_sums = {}
-        zero = torch.zeros(())
-        return (torch.stack(local).sum() if local else zero), (torch.stack(reduced).sum() if reduced else zero)
+        if not reduced:
+            nan = torch.tensor(math.nan)
+            return nan, nan
+        return (torch.stack(local).sum() if local else torch.zeros(())), torch.stack(reduced).sum()
 
     def on_reduced_gradients(self, args, state, control, *, model, grad_sq_norm, num_micro_batches,
                              loss_scale=1.0, **kwargs):
         if self.adam:  # L and T on the same preconditioned gradients
-            clip = 1.0
-            if args.max_grad_norm and args.max_grad_norm > 0:  # what Adam will see: torch's clip_grad_norm_
-                clip = min(1.0, args.max_grad_norm / (math.sqrt(float(grad_sq_norm)) + 1e-6))
-            local, grad_sq_norm = self._preconditioned_sums(model, loss_scale, clip)
+            local, grad_sq_norm = self._preconditioned_sums(model, loss_scale)
             weights = self._local_sq[1] if self._local_sq is not None else torch.zeros(())
             self._local_sq = torch.stack([local, weights.to(local.device)]).to(grad_sq_norm.device)
         super().on_reduced_gradients(args, state, control, grad_sq_norm=grad_sq_norm,
@@ -224,8 +267,11 @@ class AdaScale(GradientStatistics):
 
     def on_lr_applied(self, args, state, control, *, learning_rate, **kwargs):
         # Fired only by an update that ran: a step the fp16 GradScaler skipped (overflow) makes no progress, so
-        # the schedule (on progress) and the budget do not move either.
+        # the schedule (on progress) and the budget do not move either; nor does AdamScale's row coverage, as
+        # Adam's own state does not.
         self.progress += self.gain
+        self._coverage.update(self._pending_coverage)
+        self._pending_coverage = {}
 
     def on_step_end(self, args, state, control, **kwargs):
         previous = self._previous
@@ -258,8 +304,13 @@ class AdaScale(GradientStatistics):
         return metrics
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "progress": self.progress, "gain": self.gain}
+        state = {**super().state_dict(), "progress": self.progress, "gain": self.gain}
+        if self.adam:  # in the optimizer's parameter order; an empty tensor for a parameter not yet touched
+            state["row_coverage"] = [self._coverage.get(p, torch.empty(0)).cpu() for p in self._groups]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.progress, self.gain = float(state["progress"]), float(state["gain"])
+        if "row_coverage" in state:
+            self._restored_coverage = list(state["row_coverage"])
