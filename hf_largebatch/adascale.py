@@ -23,16 +23,28 @@ decision is irreversible, a gain is taken again every step. [decide] ``S < 1`` i
 from the base batch; its gain would lie in ``[S, 1]`` and the budget ``T_base`` would not bound the steps).
 
 AdamScale (Adam-family optimisers): the gain is ``sqrt(r)`` and the statistics are those of preconditioned gradients
-``g / P_t`` with ``P_t`` **the preconditioner Adam applies in this very step**: ``P_t = sqrt(v_hat_t) + eps`` with
-``v_t = beta2 v_{t-1} + (1 - beta2) g_t^2`` from this step's reduced (and, like Adam, clipped) gradient. Why this one:
-it is the metric of the update being scaled; it exists from step 1 (``v_hat_1 = g_1^2``), so the EMAs hold one
-quantity for the whole run (no switch from raw to preconditioned statistics); and it is bounded for rows the
-optimizer has never seen (a rare token's embedding row gets ``|g / P| <= sqrt((1 - beta2^t) / (1 - beta2))`` in the
-step it first appears, and 0 while it is absent), where the ``v_hat`` of *earlier* steps (adaptdl's choice after 5
-Adam steps) is 0 and gives ``g / eps``, so that one embedding matrix held ~100% of ``||g||^2`` and the gain sat at S.
-Since ``P_t`` needs the reduced gradient, ``L`` is formed at the reduced gradients from a per-parameter sum of the
-squared micro-batch gradients (one fp32 buffer per parameter, AdamScale only). ``P_t`` also depends on the step's
-own gradient; that correlation is what a preconditioned statistic costs and fades as ``1/t`` in ``v_hat``.
+``g / P``, with ``P`` **the preconditioner Adam applied in the previous step, its bias correction counted per row**:
+``P = sqrt(v_{t-1} / c_{t-1}) + eps`` where ``c`` is 1 - beta2^t on a row touched every step (Adam's own correction)
+and, on a row touched only at some steps, the same EMA of "touched" indicators (``row_history``), so that ``v / c``
+is the row's own mean ``g^2``. Rows whose second moment rests on fewer than ``MIN_SECOND_MOMENT_SAMPLES`` (5) touches
+are left out of both L and T. Why each part (measured on Multi30k captions with a word vocabulary, most rows rare:
+``benchmarks/adamscale_text.py``, BENCHMARKS.md):
+
+* *the previous step's P*: independent of this step's micro-batches, so ``(n T - L) / (n - 1)`` stays unbiased
+  given P. This step's own ``P_t`` (which includes ``g_bar_t^2``) makes ``g_i / P_t`` heavy-tailed where the
+  micro-batches nearly cancel in ``g_bar``: one step's variance estimate reached 3e8 and the gain sat at S whether
+  the labels were learnable or random;
+* *per-row bias correction*: Adam's ``v / (1 - beta2^t)`` counts the steps that missed a row as zeros, so a rare
+  word's row looks up to 1/(1 - beta2) = 1000 times too small and its ``(g / P)^2`` that much too large (the
+  bounded remnant of the ``g / eps`` that the ``v_hat`` of earlier steps gives a row never seen: adaptdl's choice,
+  with which one embedding matrix held ~100% of ``||g||^2``);
+* *at least 5 touches*: with ``v`` from k samples a noise coordinate's ``(g / P)^2`` follows an F(1, k) law, whose
+  variance is infinite for k <= 4; a row never touched, or the whole model at its first steps, has no P at all.
+  So the first 5 steps give no estimate (the gain stays 1: the paper's ``r_0 = 1``), and there is never a raw
+  statistic to switch from: the EMAs hold one quantity for the whole run.
+
+``L`` is formed at the reduced gradients from a per-parameter sum of the squared micro-batch gradients (one fp32
+buffer per parameter during the step, AdamScale only); the row histories (two numbers per row) are checkpointed.
 
 Optimisers are recognised by class (``optimizer_kind``): SGD and LARS get AdaScale, Adam / AdamW / LAMB / AdamP
 AdamScale with their own ``P``; anything else (8-bit or schedule-free Adam, Adafactor, ...) is refused at the start:
@@ -56,7 +68,7 @@ _OPTIMIZER_KINDS = {torch.optim.SGD: None, optimizers.LARS: None, torch.optim.Ad
                     torch.optim.Adam: "eps_after", optimizers.LAMB: "eps_after", optimizers.AdamP: "eps_before"}
 
 
-#: AdamScale: a row enters the statistics once its second moment rests on this many (coverage-weighted) steps.
+#: AdamScale: a row enters the statistics once its second moment rests on this many steps that touched it.
 #: With v_hat from k samples a noise coordinate's (g / P)^2 follows an F(1, k) law, of infinite variance for k <= 4:
 #: single huge ratios then dominate the smoothed statistics for hundreds of steps.
 MIN_SECOND_MOMENT_SAMPLES = 5
@@ -80,14 +92,19 @@ def row_shape(param_like: torch.Tensor) -> tuple[int, ...]:
     return (param_like.shape[0],) + (1,) * (param_like.dim() - 1)
 
 
-def row_coverage(coverage: torch.Tensor, grad: torch.Tensor, beta2: float) -> torch.Tensor:
-    """``c_t = beta2 c_{t-1} + (1 - beta2) [row touched at t]``, a row touched when any of its gradient entries is
-    non-zero. On a row touched every step ``c_t = 1 - beta2^t``, Adam's own bias correction; on a row touched k
-    times, ``v_t / c_t`` is the mean of its ``g^2`` over those steps, where Adam's ``v_t / (1 - beta2^t)`` counts
-    the steps that missed it as zeros (the remnant of the ``g / eps`` pitfall)."""
+def row_history(history: torch.Tensor, grad: torch.Tensor, beta2: float) -> torch.Tensor:
+    """Per row, ``[coverage, touches]`` after a step with gradient ``grad`` (``history``: ``[2, *row_shape]``); a
+    row is touched when any of its gradient entries is non-zero.
+
+    * coverage ``c_t = beta2 c_{t-1} + (1 - beta2) [touched]``: on a row touched every step ``c_t = 1 - beta2^t``,
+      Adam's own bias correction; on a row touched k times, ``v_t / c_t`` is the mean of its ``g^2`` over those
+      steps, where Adam's ``v_t / (1 - beta2^t)`` counts the steps that missed it as zeros (the remnant of the
+      ``g / eps`` pitfall: a rare word's row looks ~1/(1 - beta2) times too small);
+    * touches: how many steps touched the row (how many samples its second moment rests on)."""
+    coverage, touches = history
     rows = coverage.shape[0] if grad.dim() > 1 else 1
-    touched = grad.reshape(rows, -1).ne(0).any(dim=1)
-    return coverage.mul(beta2).add_(touched.reshape(coverage.shape).to(coverage.dtype), alpha=1 - beta2)
+    touched = grad.reshape(rows, -1).ne(0).any(dim=1).reshape(coverage.shape).to(coverage.dtype)
+    return torch.stack([coverage.mul(beta2).add_(touched, alpha=1 - beta2), touches + touched])
 
 
 def innermost_optimizer(optimizer):
@@ -140,9 +157,9 @@ class AdaScale(GradientStatistics):
         self._base_steps_per_epoch = 1.0
         self._previous = 0.0
         self._sq_sums: dict = {}  # AdamScale: per parameter, sum_i w_i (g_i / weight_i)^2 of this step
-        self._coverage: dict = {}  # AdamScale: per parameter, the EMA of "this row was touched" (row_coverage)
-        self._pending_coverage: dict = {}  # this step's, committed when its update runs
-        self._restored_coverage: list | None = None  # from a checkpoint, in parameter order, until train begins
+        self._rows: dict = {}  # AdamScale: per parameter, its rows' [coverage, touches] (row_history)
+        self._pending_rows: dict = {}  # this step's, committed when its update runs
+        self._restored_rows: list | None = None  # from a checkpoint, in parameter order, until train begins
 
     # -- setup
     def check(self, plan) -> None:
@@ -167,10 +184,10 @@ class AdaScale(GradientStatistics):
         self._kind = optimizer_kind(optimizer)
         self.adam = self._kind is not None
         self._groups = {p: g for g in self._optimizer.param_groups for p in g["params"]}  # (beta2, eps) by parameter
-        self._sq_sums, self._pending_coverage = {}, {}
-        if self._restored_coverage is not None:
-            self._coverage = {p: c for p, c in zip(self._groups, self._restored_coverage) if c.numel()}
-            self._restored_coverage = None
+        self._sq_sums, self._pending_rows = {}, {}
+        if self._restored_rows is not None:
+            self._rows = {p: h for p, h in zip(self._groups, self._restored_rows) if h.numel()}
+            self._restored_rows = None
         micro = len(train_dataloader)
         ga = args.gradient_accumulation_steps
         self._base_steps_per_epoch = max(micro // ga + int(micro % ga > 0), 1) * self.scale
@@ -198,9 +215,10 @@ class AdaScale(GradientStatistics):
 
     def _preconditioner(self, param, reduced: torch.Tensor) -> torch.Tensor | None:
         """The statistics' ``P`` for ``param``: the preconditioner Adam applied in the *previous* step, its bias
-        correction counted per row (``row_coverage``); ``inf`` on rows whose second moment rests on fewer than
-        ``MIN_SECOND_MOMENT_SAMPLES`` steps (they drop out), None when no row of the parameter qualifies. This step's coverage (from its reduced gradient) waits in
-        ``_pending_coverage`` until the update runs (``on_lr_applied``)."""
+        correction counted per row (``row_history``); ``inf`` on rows whose second moment rests on fewer than
+        ``MIN_SECOND_MOMENT_SAMPLES`` steps (they drop out), None when no row of the parameter qualifies. This
+        step's row history (from its reduced gradient) waits in ``_pending_rows`` until the update runs
+        (``on_lr_applied``)."""
         group = self._groups[param]
         beta2, eps = group["betas"][1], group["eps"]
         st = self._optimizer.state.get(param) or {}
@@ -208,10 +226,13 @@ class AdaScale(GradientStatistics):
         if group.get("weight_decay") and type(self._optimizer) is torch.optim.Adam \
                 and not group.get("decoupled_weight_decay"):
             g = g + group["weight_decay"] * param.detach().float()  # torch Adam's L2 decay: every row is touched
-        coverage = self._coverage.get(param)
-        if coverage is None:  # rows are taken as dense over the optimizer's earlier steps (none in a fresh run)
-            coverage = torch.full(row_shape(g), 1 - beta2 ** float(st.get("step", 0)), device=g.device)
-        self._pending_coverage[param] = row_coverage(coverage, g, beta2)
+        history = self._rows.get(param)
+        if history is None:  # rows are taken as dense over the optimizer's earlier steps (none in a fresh run)
+            steps = float(st.get("step", 0))
+            history = torch.stack([torch.full(row_shape(g), 1 - beta2 ** steps, device=g.device),
+                                   torch.full(row_shape(g), steps, device=g.device)])
+        self._pending_rows[param] = row_history(history, g, beta2)
+        coverage, touches = history
         if "exp_avg_sq" not in st:
             return None
         v = st["exp_avg_sq"].float()
@@ -220,7 +241,7 @@ class AdaScale(GradientStatistics):
             precond = v.div(correction).sqrt_().add_(eps)
         else:
             precond = v.sqrt().add_(eps).div_(correction.sqrt())
-        too_short = coverage < 1 - beta2 ** MIN_SECOND_MOMENT_SAMPLES
+        too_short = touches < MIN_SECOND_MOMENT_SAMPLES
         if bool(too_short.all()):
             return None
         return precond.masked_fill_(too_short.expand_as(precond), math.inf)
@@ -267,11 +288,11 @@ class AdaScale(GradientStatistics):
 
     def on_lr_applied(self, args, state, control, *, learning_rate, **kwargs):
         # Fired only by an update that ran: a step the fp16 GradScaler skipped (overflow) makes no progress, so
-        # the schedule (on progress) and the budget do not move either; nor does AdamScale's row coverage, as
+        # the schedule (on progress) and the budget do not move either; nor does AdamScale's row history, as
         # Adam's own state does not.
         self.progress += self.gain
-        self._coverage.update(self._pending_coverage)
-        self._pending_coverage = {}
+        self._rows.update(self._pending_rows)
+        self._pending_rows = {}
 
     def on_step_end(self, args, state, control, **kwargs):
         previous = self._previous
@@ -306,11 +327,11 @@ class AdaScale(GradientStatistics):
     def state_dict(self) -> dict:
         state = {**super().state_dict(), "progress": self.progress, "gain": self.gain}
         if self.adam:  # in the optimizer's parameter order; an empty tensor for a parameter not yet touched
-            state["row_coverage"] = [self._coverage.get(p, torch.empty(0)).cpu() for p in self._groups]
+            state["row_history"] = [self._rows.get(p, torch.empty(0)).cpu() for p in self._groups]
         return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.progress, self.gain = float(state["progress"]), float(state["gain"])
-        if "row_coverage" in state:
-            self._restored_coverage = list(state["row_coverage"])
+        if "row_history" in state:
+            self._restored_rows = list(state["row_history"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
-from hf_largebatch.adascale import MIN_SECOND_MOMENT_SAMPLES, AdaScale, adascale_gain
+from hf_largebatch.adascale import MIN_SECOND_MOMENT_SAMPLES, AdaScale, adascale_gain, row_history
 from helpers import digits_dataset, flat_params, tiny_resnet, use_cpu_grad_scaler
 
 
@@ -16,6 +16,52 @@ def test_gain_rule():
     assert adascale_gain(1.0, 0.0, 8) == pytest.approx(8.0)          # pure noise: r = S
     assert adascale_gain(1e-6, 1.0, 8) == pytest.approx(1.0, abs=1e-5)  # no noise: r = 1
     assert adascale_gain(3.0, 1.0, 4) == pytest.approx((3 + 1) / (3 / 4 + 1))
+
+
+def test_row_history_counts_adams_bias_correction_over_the_steps_that_touched_a_row():
+    beta2 = 0.999
+    history, v = torch.zeros(2, 2, 1), torch.zeros(2, 3)
+    rare = (3, 40, 41, 250)
+    for t in range(1, 301):
+        g = torch.zeros(2, 3)
+        g[0] = 1.0  # a dense row
+        if t in rare:  # a rare row (a rare word's embedding)
+            g[1] = float(t)
+        history = row_history(history, g, beta2)
+        v = beta2 * v + (1 - beta2) * g.square()  # Adam's second moment
+    coverage, touches = history
+    assert touches.flatten().tolist() == [300, 4]
+    assert coverage[0].item() == pytest.approx(1 - beta2 ** 300, rel=1e-5)  # dense: Adam's own correction
+    weights = torch.tensor([beta2 ** (300 - t) for t in rare])
+    own_mean = (weights * torch.tensor(rare, dtype=torch.float32) ** 2).sum() / weights.sum()
+    assert (v[1, 0] / coverage[1, 0]).item() == pytest.approx(own_mean.item(), rel=1e-4)
+    # Adam's v_hat counts the 296 steps that missed the row as zeros: ~100x below the row's own second moment
+    assert (v[1, 0] / (1 - beta2 ** 300)).item() < own_mean.item() / 50
+
+
+def test_adamscale_preconditioner_leaves_out_rows_with_too_short_a_history(tmp_path):
+    """Through a real AdamW: P is the previous step's sqrt(v / coverage) + eps; a row touched fewer than
+    MIN_SECOND_MOMENT_SAMPLES times (or never) drops out (inf); nothing is measured before Adam has state."""
+    weight = torch.nn.Parameter(torch.zeros(4, 2))
+    optimizer = torch.optim.AdamW([weight], lr=0.0, weight_decay=0.0)
+    alg = AdaScale()
+    alg._optimizer, alg._kind, alg._groups = optimizer, "eps_after", {weight: optimizer.param_groups[0]}
+    touches = {0: range(1, 101), 1: range(1, MIN_SECOND_MOMENT_SAMPLES + 1), 2: range(1, MIN_SECOND_MOMENT_SAMPLES)}
+    for t in range(1, 101):
+        grad = torch.zeros(4, 2)
+        for row, steps in touches.items():
+            if t in steps:
+                grad[row] = row + 1.0
+        precond = alg._preconditioner(weight, grad)
+        if t == 1:
+            assert precond is None  # no Adam state yet
+        weight.grad = grad
+        optimizer.step()
+        alg.on_lr_applied(None, None, None, learning_rate=0.0)  # the update ran: this step's coverage counts
+    precond = alg._preconditioner(weight, torch.zeros(4, 2))
+    assert precond[0].tolist() == pytest.approx([1.0 + 1e-8] * 2, rel=1e-5)  # dense: Adam's own P
+    assert precond[1].tolist() == pytest.approx([2.0 + 1e-8] * 2, rel=1e-4)  # 5 touches, long ago: its own RMS
+    assert torch.isinf(precond[2]).all() and torch.isinf(precond[3]).all()  # 4 touches; never
 
 
 def make(output_dir, per_device=8, ga=4, base=32, epochs=2, callbacks=(), lr_scaling="adascale", eval_dataset=None,
@@ -222,3 +268,40 @@ def test_adamscale_gain_follows_gradient_noise_on_a_text_classifier(tmp_path):
     learning, memorising = (np.mean([r["gain"] for r in run[MIN_SECOND_MOMENT_SAMPLES:last]])
                             for run in (language, noise))
     assert learning < memorising - 1.0  # measured 4.2 vs 6.3
+
+
+def test_adamscale_resume_is_exact_with_rare_rows(tmp_path):
+    """AdamScale's per-row history (coverage and touches) is checkpointed: resumed mid-run, with rare embedding rows
+    still below and above the history threshold, the gains and weights equal the uninterrupted run's."""
+    from transformers import BertConfig, BertForSequenceClassification
+    from helpers import DictDataset
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.multinomial(1.0 / torch.arange(1, 301, dtype=torch.float), 512 * 8, replacement=True,
+                            generator=g).reshape(512, 8) + 1  # Zipf-like: rows from every step to a few touches
+    data = DictDataset(input_ids=ids, attention_mask=torch.ones_like(ids), labels=(ids[:, 0] % 2))
+
+    def run(out, resume=None):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=302, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=8, num_labels=2))
+        args = LargeBatchArguments(output_dir=str(out), per_device_train_batch_size=8, gradient_accumulation_steps=4,
+                                   base_batch_size=8, lr_scaling="adascale", max_steps=48, learning_rate=1e-3,
+                                   optim="adamw_torch", use_cpu=True, report_to=[], save_strategy="steps",
+                                   save_steps=40, logging_steps=1, disable_tqdm=True, seed=0, data_seed=0)
+        trainer = LargeBatchTrainer(model=model, args=args, train_dataset=data)
+        trainer.train(resume_from_checkpoint=resume)
+        logs = {h["step"]: h["adascale_gain"] for h in trainer.state.log_history if "adascale_gain" in h}
+        return trainer, model, logs
+
+    full, full_model, full_gains = run(tmp_path / "full")
+    checkpoint = min((tmp_path / "full").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    saved_step = int(checkpoint.name.split("-")[1])
+    assert MIN_SECOND_MOMENT_SAMPLES < saved_step < full.state.global_step
+    touches = full._adascale()._rows[full_model.get_input_embeddings().weight][1].flatten()
+    assert (touches < MIN_SECOND_MOMENT_SAMPLES).any() and (touches >= MIN_SECOND_MOMENT_SAMPLES).any()
+    resumed, resumed_model, resumed_gains = run(tmp_path / "resumed", resume=str(checkpoint))
+    later = [s for s in full_gains if s > saved_step]
+    assert later and [resumed_gains[s] for s in later] == pytest.approx([full_gains[s] for s in later], rel=1e-6)
+    np.testing.assert_allclose(flat_params(resumed_model), flat_params(full_model), rtol=0, atol=1e-6)
