@@ -41,7 +41,10 @@ are left out of both L and T. Why each part (measured on Multi30k captions with 
 * *at least 5 touches*: with ``v`` from k samples a noise coordinate's ``(g / P)^2`` follows an F(1, k) law, whose
   variance is infinite for k <= 4; a row never touched, or the whole model at its first steps, has no P at all.
   So the first 5 steps give no estimate (the gain stays 1: the paper's ``r_0 = 1``), and there is never a raw
-  statistic to switch from: the EMAs hold one quantity for the whole run.
+  statistic to switch from: the EMAs hold one quantity for the whole run. What 5 touches cannot tame is a row whose
+  gradient scale itself jumps (a token seen 5 times where it barely matters, then where it does): Adam's own step
+  on it is large too, and it shows as a burst of variance (seen on a synthetic Zipf vocabulary at a fixed model:
+  ``L`` and ``T`` ~1e9 against ~1e3 the step before).
 
 ``L`` is formed at the reduced gradients from a per-parameter sum of the squared micro-batch gradients (one fp32
 buffer per parameter during the step, AdamScale only); the row histories (two numbers per row) are checkpointed.
@@ -284,6 +287,7 @@ class AdaScale(GradientStatistics):
     # -- progress, stopping and cadence on tau
     def on_step_begin(self, args, state, control, **kwargs):
         super().on_step_begin(args, state, control, **kwargs)
+        self._sq_sums = {}  # (as the local sums: nothing of a step whose update never ran)
         self._previous = self.progress
 
     def on_lr_applied(self, args, state, control, *, learning_rate, **kwargs):

@@ -99,14 +99,23 @@ def freeze_batchnorm_statistics(model):
     return model
 
 
-def tiny_bert_classifier(seed: int = 0):
+def tiny_bert_classifier(seed: int = 0, vocab_size: int = 64, num_labels: int = 3):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=32, num_labels=3,
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, num_labels=num_labels,
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return BertForSequenceClassification(cfg)
+
+
+def zipf_token_classification(n: int, seq_len: int, vocab: int, seed: int = 0) -> DictDataset:
+    """Sequences of tokens 1..vocab-1 drawn with probability ~ 1/rank (as words in text: a few rows in every step,
+    most rows rarely or never), labelled by the parity of their first token."""
+    g = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, vocab, dtype=torch.float)
+    ids = torch.multinomial(weights, n * seq_len, replacement=True, generator=g).reshape(n, seq_len) + 1
+    return DictDataset(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids[:, 0] % 2)
 
 
 def tiny_gpt2_lm(seed: int = 0):

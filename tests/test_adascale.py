@@ -273,19 +273,12 @@ def test_adamscale_gain_follows_gradient_noise_on_a_text_classifier(tmp_path):
 def test_adamscale_resume_is_exact_with_rare_rows(tmp_path):
     """AdamScale's per-row history (coverage and touches) is checkpointed: resumed mid-run, with rare embedding rows
     still below and above the history threshold, the gains and weights equal the uninterrupted run's."""
-    from transformers import BertConfig, BertForSequenceClassification
-    from helpers import DictDataset
+    from helpers import tiny_bert_classifier, zipf_token_classification
 
-    g = torch.Generator().manual_seed(0)
-    ids = torch.multinomial(1.0 / torch.arange(1, 301, dtype=torch.float), 512 * 8, replacement=True,
-                            generator=g).reshape(512, 8) + 1  # Zipf-like: rows from every step to a few touches
-    data = DictDataset(input_ids=ids, attention_mask=torch.ones_like(ids), labels=(ids[:, 0] % 2))
+    data = zipf_token_classification(512, 8, 300)  # rows touched from every step to a few times
 
     def run(out, resume=None):
-        torch.manual_seed(0)
-        model = BertForSequenceClassification(BertConfig(
-            vocab_size=302, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=8, num_labels=2))
+        model = tiny_bert_classifier(vocab_size=300, num_labels=2)
         args = LargeBatchArguments(output_dir=str(out), per_device_train_batch_size=8, gradient_accumulation_steps=4,
                                    base_batch_size=8, lr_scaling="adascale", max_steps=48, learning_rate=1e-3,
                                    optim="adamw_torch", use_cpu=True, report_to=[], save_strategy="steps",

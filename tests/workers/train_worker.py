@@ -16,7 +16,7 @@ from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
 from hf_largebatch.adascale import AdaScale
 from hf_largebatch.backends import load_deepspeed_config, zero_stage
 from helpers import (DictDataset, digits_dataset, flat_params, freeze_batchnorm_statistics, tiny_bert_classifier,
-                     tiny_gpt2_lm, tiny_resnet, token_dataset)
+                     tiny_gpt2_lm, tiny_resnet, token_dataset, zipf_token_classification)
 
 
 class MeanEstimator(torch.nn.Module):
@@ -36,6 +36,9 @@ def points(x):
 MODELS = {
     "resnet": (lambda: freeze_batchnorm_statistics(tiny_resnet()), lambda: digits_dataset(256)),
     "bert": (tiny_bert_classifier, lambda: token_dataset(256, 12, 64, 3)),
+    # AdamScale: a vocabulary whose rows are touched from every step to never (its per-row history)
+    "bert_zipf": (lambda: tiny_bert_classifier(vocab_size=300, num_labels=2),
+                  lambda: zipf_token_classification(512, 8, 300)),
     "gpt2": (tiny_gpt2_lm, lambda: token_dataset(256, 12, 64, None)),
     # per-rank, per-micro-batch gradients that are mutually orthogonal / all identical (AdaScale golden gains)
     "orthogonal": (MeanEstimator, lambda: points(torch.eye(4))),
@@ -56,7 +59,7 @@ def run_one(run: dict, deepspeed: str | None) -> dict:
         with_kwargs=True)
     args = LargeBatchArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=run["per_device"],
-        gradient_accumulation_steps=run["ga"], max_steps=run["steps"], optim="sgd",
+        gradient_accumulation_steps=run["ga"], max_steps=run["steps"], optim=run.get("optim", "sgd"),
         lr_scheduler_type=run.get("lr_scheduler_type", "constant"), learning_rate=run.get("lr", 0.5),
         use_cpu=deepspeed is None, deepspeed=deepspeed, report_to=[], save_strategy="no", logging_steps=1,
         disable_tqdm=True, seed=0, data_seed=0, dataloader_drop_last=True, max_grad_norm=0.0,
