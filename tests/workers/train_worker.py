@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
+from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory, NoiseScaleMonitor
 from hf_largebatch.adascale import AdaScale
 from hf_largebatch.backends import load_deepspeed_config, zero_stage
-from helpers import (DictDataset, digits_dataset, flat_params, freeze_batchnorm_statistics, tiny_bert_classifier,
-                     tiny_gpt2_lm, tiny_resnet, token_dataset, zipf_token_classification)
+from helpers import (DictDataset, IndexedClassifier, digits_dataset, flat_params, freeze_batchnorm_statistics,
+                     indexed_points, tiny_bert_classifier, tiny_gpt2_lm, tiny_resnet, token_dataset,
+                     zipf_token_classification)
 
 
 class MeanEstimator(torch.nn.Module):
@@ -45,11 +46,16 @@ MODELS = {
     "identical": (MeanEstimator, lambda: points(torch.ones(4, 4) / 2)),
     "gaussian": (lambda: MeanEstimator(10),
                  lambda: points(0.5 + 2 * torch.randn(256, 10, generator=torch.Generator().manual_seed(0)))),
+    "linear": (IndexedClassifier, lambda: indexed_points(256)),  # learnable labels, plain float inputs
 }
-CALLBACKS = {"adascale_raw": lambda: AdaScale(theta=0.0)}
+CALLBACKS = {"adascale_raw": lambda: AdaScale(theta=0.0), "noise_monitor": NoiseScaleMonitor}
 
 
 def run_one(run: dict, deepspeed: str | None) -> dict:
+    if deepspeed:  # Accelerate takes one DeepSpeed plugin per process: a fresh state for each run (the process
+        from accelerate.state import AcceleratorState  # group, in PartialState, stays)
+
+        AcceleratorState._reset_state()
     make_model, make_data = MODELS[run["model"]]
     model = make_model()
     fingerprints = []
@@ -60,6 +66,7 @@ def run_one(run: dict, deepspeed: str | None) -> dict:
     args = LargeBatchArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=run["per_device"],
         gradient_accumulation_steps=run["ga"], max_steps=run["steps"], optim=run.get("optim", "sgd"),
+        optim_args=run.get("optim_args"),
         lr_scheduler_type=run.get("lr_scheduler_type", "constant"), learning_rate=run.get("lr", 0.5),
         use_cpu=deepspeed is None, deepspeed=deepspeed, report_to=[], save_strategy="no", logging_steps=1,
         disable_tqdm=True, seed=0, data_seed=0, dataloader_drop_last=True, max_grad_norm=0.0,
