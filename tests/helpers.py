@@ -190,3 +190,36 @@ def use_cpu_grad_scaler(trainer, init_scale: float = 2.0 ** 16):
     trainer.accelerator.native_amp = True
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     return trainer
+
+
+def event_trace_class():
+    """An ``Algorithm`` that records the names of the events of the first two optimizer steps, in order (repeats of
+    the same event in a row, e.g. one ``on_local_gradient`` per parameter, recorded once)."""
+    from hf_largebatch import Algorithm
+
+    class EventTrace(Algorithm):
+        name = "event_trace"
+
+        def __init__(self):
+            self.events: list[str] = []
+            self._steps_begun = 0
+
+        def _add(self, event):
+            if self._steps_begun <= 2 and (not self.events or self.events[-1] != event):
+                self.events.append(event)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._steps_begun += 1
+            self._add("on_step_begin")
+
+        def on_micro_batch_end(self, args, state, control, *, micro_step, num_micro_batches, **kwargs):
+            self._add(f"on_micro_batch_end[{micro_step}/{num_micro_batches}]")
+
+        def lr_factor(self) -> float:
+            self._add("lr_factor")
+            return 1.0
+
+    for event in ("on_local_gradient", "on_reduced_gradients", "on_step_loss", "on_lr_applied", "on_substep_end",
+                  "on_pre_optimizer_step", "on_optimizer_step", "on_step_end"):
+        setattr(EventTrace, event, lambda self, args, state, control, _e=event, **kw: self._add(_e))
+    return EventTrace

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory, NoiseScaleMonitor
 from hf_largebatch.adascale import AdaScale
 from hf_largebatch.backends import load_deepspeed_config, zero_stage
-from helpers import (DictDataset, IndexedClassifier, digits_dataset, flat_params, freeze_batchnorm_statistics,
-                     indexed_points, tiny_bert_classifier, tiny_gpt2_lm, tiny_resnet, token_dataset,
+from helpers import (DictDataset, IndexedClassifier, digits_dataset, event_trace_class, flat_params,
+                     freeze_batchnorm_statistics, indexed_points, tiny_bert_classifier, tiny_gpt2_lm, tiny_resnet, token_dataset,
                      zipf_token_classification)
 
 
@@ -50,7 +50,8 @@ MODELS = {
                  lambda: points(0.5 + 2 * torch.randn(256, 10, generator=torch.Generator().manual_seed(0)))),
     "linear": (IndexedClassifier, lambda: indexed_points(256)),  # learnable labels, plain float inputs
 }
-CALLBACKS = {"adascale_raw": lambda: AdaScale(theta=0.0), "noise_monitor": NoiseScaleMonitor}
+CALLBACKS = {"adascale_raw": lambda: AdaScale(theta=0.0), "noise_monitor": NoiseScaleMonitor,
+             "event_trace": event_trace_class()}
 
 
 def run_one(run: dict, deepspeed: str | None) -> dict:
@@ -76,7 +77,8 @@ def run_one(run: dict, deepspeed: str | None) -> dict:
         disable_tqdm=True, seed=0, data_seed=0, dataloader_drop_last=True, max_grad_norm=0.0,
         **saving, **run.get("args", {}))
     history = LRHistory(0)
-    callbacks = [history, *(CALLBACKS[name]() for name in run.get("callbacks", []))]
+    extra = [CALLBACKS[name]() for name in run.get("callbacks", [])]
+    callbacks = [history, *extra]
     trainer = LargeBatchTrainer(model=model, args=args, train_dataset=make_data(), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=run.get("resume"))
     return {
@@ -87,6 +89,7 @@ def run_one(run: dict, deepspeed: str | None) -> dict:
         "losses": history.losses,
         "fingerprints": fingerprints,
         "log_history": trainer.state.log_history,
+        "events": next((cb.events for cb in extra if hasattr(cb, "events")), None),
         "params": _gathered_params(trainer) if zero_stage(load_deepspeed_config(deepspeed)) == 3
         else flat_params(model).tolist(),
     }
