@@ -42,8 +42,8 @@ CASES = {
     "autowu": {**_RULE, "model": "linear", "steps": 16, "lr": 1.0,
                "args": {"lr_schedule": "autowu", "autowu_args": "vote_every=2,patience=2"}},
     "conadv": {**_RULE, "model": "linear", "args": {"adversarial": "conadv", "adversarial_args": "epsilon=0.3,input_name=x"}},
-    "extrapolation": {**_RULE, "model": "linear", "optim_args": "momentum=0.9,nesterov=True",
-                      "args": {"extrapolation": "fresh"}},
+    "extrapolation": {**_RULE, "model": "linear",
+                      "args": {"extrapolation": "fresh", "optim_args": "momentum=0.9,nesterov=True"}},
     "adaptive_batch": {**_RULE, "model": "linear", "args": {
         "adaptive_batch": "norm", "adaptive_batch_args": "max_batch_size=128,eta=0.5,smoothing=0",
         "lr_scaling": "linear", "base_batch_size": 16}},

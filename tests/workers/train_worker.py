@@ -1,9 +1,9 @@
 """Multi-process worker: trains tiny models with LargeBatchTrainer and writes what each rank saw and did.
 
 Usage (under torchrun): train_worker.py SPEC_JSON OUT_DIR. SPEC is a JSON object with a list of "runs"; each run
-has a name, a model (a key of MODELS), per_device, ga, steps, and optionally lr, optim, optim_args,
-lr_scheduler_type, callbacks (keys of CALLBACKS), args (more LargeBatchArguments), output_dir, save_steps and resume
-(a checkpoint to resume from). ``run_one`` runs one in this process too.
+has a name, a model (a key of MODELS), per_device, ga, steps, and optionally lr, optim, lr_scheduler_type, callbacks
+(keys of CALLBACKS), args (more LargeBatchArguments), output_dir, save_steps and resume (a checkpoint to resume
+from). ``run_one`` runs one in this process too.
 """
 
 import json
@@ -71,7 +71,6 @@ def run_one(run: dict, deepspeed: str | None) -> dict:
     args = LargeBatchArguments(
         output_dir=run.get("output_dir") or tempfile.mkdtemp(), per_device_train_batch_size=run["per_device"],
         gradient_accumulation_steps=run["ga"], max_steps=run["steps"], optim=run.get("optim", "sgd"),
-        optim_args=run.get("optim_args"),
         lr_scheduler_type=run.get("lr_scheduler_type", "constant"), learning_rate=run.get("lr", 0.5),
         use_cpu=deepspeed is None, deepspeed=deepspeed, report_to=[], logging_steps=1,
         disable_tqdm=True, seed=0, data_seed=0, dataloader_drop_last=True, max_grad_norm=0.0,
