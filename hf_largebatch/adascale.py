@@ -62,6 +62,8 @@ import torch
 
 from . import optimizers
 from .algorithm import final_save_and_evaluation
+from .option_strings import option_name
+from .scaling import steps_per_epoch
 from .stats import GradientStatistics
 
 #: optimiser classes AdaScale knows, and how each preconditions: None (plain SGD-type update), "eps_after"
@@ -193,7 +195,7 @@ class AdaScale(GradientStatistics):
             self._restored_rows = None
         micro = len(train_dataloader)
         ga = args.gradient_accumulation_steps
-        self._base_steps_per_epoch = max(micro // ga + int(micro % ga > 0), 1) * self.scale
+        self._base_steps_per_epoch = steps_per_epoch(micro, ga) * self.scale
 
     # -- AdamScale: statistics of gradients preconditioned by this step's P_t
     def on_local_gradient(self, args, state, control, *, param, grad, weight, **kwargs):
@@ -303,7 +305,7 @@ class AdaScale(GradientStatistics):
         state.epoch = self.progress / self._base_steps_per_epoch
         for strategy, every, flag in ((args.eval_strategy, args.eval_steps, "should_evaluate"),
                                       (args.save_strategy, args.save_steps, "should_save")):
-            strategy = str(getattr(strategy, "value", strategy))
+            strategy = option_name(strategy)
             if strategy == "steps":
                 period = every if every >= 1 else every * state.max_steps
             elif strategy == "epoch":
@@ -318,9 +320,9 @@ class AdaScale(GradientStatistics):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         # Data epochs are not progress epochs: evaluation and saving follow progress (set in on_step_end).
-        if str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "epoch":
+        if option_name(args.eval_strategy) == "epoch":
             control.should_evaluate = False
-        if str(getattr(args.save_strategy, "value", args.save_strategy)) == "epoch":
+        if option_name(args.save_strategy) == "epoch":
             control.should_save = False
 
     def log_metrics(self) -> dict[str, float]:

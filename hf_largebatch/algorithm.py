@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .option_strings import option_name
+
 #: the events LargeBatchTrainer fires (and ``lr_factor``, which it queries), beyond HF's callback events
 EVENTS = ("on_local_gradient", "on_micro_batch_end", "on_reduced_gradients", "on_step_loss", "on_lr_applied",
           "lr_factor")
@@ -103,7 +105,7 @@ def final_save_and_evaluation(args, control, strategies: tuple[str, ...]) -> Non
     """Ask for the end-of-training checkpoint and evaluation that HF's ``DefaultFlowCallback`` gives a run reaching
     ``max_steps``, for an algorithm that ends training earlier (AdaScale's budget of progress, the adaptive batch's
     budget of samples), for the ``save_strategy`` / ``eval_strategy`` values in ``strategies``."""
-    if str(getattr(args.save_strategy, "value", args.save_strategy)) in strategies:
+    if option_name(args.save_strategy) in strategies:
         control.should_save = True
-    if str(getattr(args.eval_strategy, "value", args.eval_strategy)) in strategies:
+    if option_name(args.eval_strategy) in strategies:
         control.should_evaluate = True

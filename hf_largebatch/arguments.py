@@ -14,6 +14,7 @@ from .conadv import ADVERSARIAL_MODES, ConAdvConfig
 from .extrapolation import EXTRAPOLATIONS
 from .loss import LOSS_NORMALIZATIONS
 from .optimizers import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
+from .option_strings import option_name
 from .scaling import SCALING_RULES, check_rule
 
 
@@ -141,11 +142,11 @@ class LargeBatchArguments(TrainingArguments):
         self.check_adversarial()
         self.check_extrapolation()
         self.check_adaptive_batch()
-        backends.check_optimizer_on_deepspeed(str(getattr(self.optim, "value", self.optim)), ds_config)
+        backends.check_optimizer_on_deepspeed(option_name(self.optim), ds_config)
         if ds_config is not None:
             self.accelerator_config = backends.prepare_cpu_deepspeed(self.accelerator_config)
         # TrainingArguments accepts only its own optimizer names: validate ours here and hand it a stand-in
-        optim = str(getattr(self.optim, "value", self.optim))
+        optim = option_name(self.optim)
         if optim in LARGE_BATCH_OPTIMIZERS:
             self.optim = "sgd"
         super().__post_init__()

@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from . import backends
 from .algorithm import Algorithm, final_save_and_evaluation
-from .option_strings import parse_key_values
+from .option_strings import option_name, parse_key_values
 from .scaling import peak_lr_multiplier
 from .stats import VAR_FLOOR, BiasCorrectedEMA, GradientStatistics, unbiased_estimates
 
@@ -448,7 +448,7 @@ class LocalSGD(Algorithm):
                              "reduction at initialisation. Use DDP (accelerate launch / torchrun)")
         for kind in ("save", "eval"):
             strategy = getattr(plan.args, f"{kind}_strategy")
-            strategy, every = str(getattr(strategy, "value", strategy)), getattr(plan.args, f"{kind}_steps")
+            strategy, every = option_name(strategy), getattr(plan.args, f"{kind}_steps")
             if strategy == "no" or (strategy == "steps" and every and float(every).is_integer()
                                     and every % self.steps == 0):
                 continue

@@ -47,7 +47,7 @@ from typing import Any
 import pytorch_optimizer as _po
 import torch
 
-from .option_strings import parse_key_values
+from .option_strings import option_name, parse_key_values
 
 LARGE_BATCH_OPTIMIZERS = ("lars", "lamb", "adamp")
 
@@ -167,7 +167,7 @@ def optimizer_cls_and_kwargs(name: str, learning_rate: float, weight_decay: floa
                              adam_beta2: float, adam_epsilon: float, optim_args: str | None) -> tuple[type, dict]:
     """``(class, constructor kwargs)`` for one of ``LARGE_BATCH_OPTIMIZERS``, the kwargs built from the training
     arguments plus ``optim_args`` (HF's ``"key=value,key=value"``; the valid keys depend on the optimizer)."""
-    key = str(getattr(name, "value", name)).strip().lower()
+    key = option_name(name).strip().lower()
     if key not in LARGE_BATCH_OPTIMIZERS:
         raise ValueError(f"unknown large-batch optimizer {name!r}; expected one of {', '.join(LARGE_BATCH_OPTIMIZERS)}")
     extra = parse_key_values(optim_args, _OPTIM_ARGS[key], f"optim_args for optim={key!r}",

@@ -1,11 +1,18 @@
-"""``"key=value,key=value"`` option strings (HF's ``optim_args`` style), parsed against a table of typed keys so
-that a misspelt key or a value of the wrong type fails with the list of valid keys, before any work starts."""
+"""Options as strings: ``"key=value,key=value"`` option strings (HF's ``optim_args`` style), parsed against a table of
+typed keys so that a misspelt key or a value of the wrong type fails with the list of valid keys, before any work
+starts; and HF's enum-valued options as the strings they stand for (``option_name``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def option_name(value) -> str:
+    """An HF option that may be an enum (``IntervalStrategy``, ``OptimizerNames``, ``SchedulerType``, ...) or the
+    plain string a user or a parser gave, as that string."""
+    return str(getattr(value, "value", value))
 
 
 def parse_key_values(text: str | None, types: dict[str, type], option: str, valid_text: str | None = None) -> dict:

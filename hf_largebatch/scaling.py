@@ -53,6 +53,12 @@ def peak_lr_multiplier(rule: str, scale: float) -> float:
     return 1.0
 
 
+def steps_per_epoch(micro_batches: int, accumulation: int) -> int:
+    """Optimizer steps in an epoch of ``micro_batches`` per rank at ``accumulation`` micro-batches a step (a short
+    last group is a step too, as in HF's loop); at least 1."""
+    return max(micro_batches // accumulation + int(micro_batches % accumulation > 0), 1)
+
+
 def legw_warmup_steps(scale: float, base_warmup_epochs: float, steps_per_epoch: int) -> int:
     """LEGW warm-up in optimizer steps: ``S * w0`` epochs at the current batch.
 

@@ -32,7 +32,8 @@ from .batching import EXAMPLE_TESTS, AdaptiveBatch, LocalSGD, per_example_gradie
 from .conadv import ConAdv, micro_batch_seed
 from .extrapolation import Extrapolation, local_gradient, noise_seed
 from .optimizers import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
-from .scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier
+from .option_strings import option_name
+from .scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier, steps_per_epoch
 from .stats import reduced_sq_norm
 
 ALGORITHM_STATE_FILE = "hf_largebatch_algorithms_rank{rank}.pt"
@@ -150,7 +151,7 @@ class LargeBatchTrainer(Trainer):
     @staticmethod
     def get_optimizer_cls_and_kwargs(args, model=None):
         """HF's optimizers, plus ``optim`` = ``lars`` | ``lamb`` | ``adamp`` (``optimizers.py``)."""
-        name = str(getattr(args.optim, "value", args.optim))
+        name = option_name(args.optim)
         if name in LARGE_BATCH_OPTIMIZERS:
             return optimizer_cls_and_kwargs(name, args.learning_rate, args.weight_decay, args.adam_beta1,
                                             args.adam_beta2, args.adam_epsilon, args.optim_args)
@@ -171,7 +172,7 @@ class LargeBatchTrainer(Trainer):
         micro_batches = len(self.get_train_dataloader())
         adaptive = self._adaptive
         ga = adaptive.initial_accumulation if adaptive is not None else self.args.gradient_accumulation_steps
-        return max(micro_batches // ga + int(micro_batches % ga > 0), 1)
+        return steps_per_epoch(micro_batches, ga)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is not None:
@@ -194,7 +195,7 @@ class LargeBatchTrainer(Trainer):
             autowu.build(self.args.learning_rate, num_training_steps, self._update_steps_per_epoch())
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, autowu.multiplier)
         else:
-            schedule = str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type))
+            schedule = option_name(self.args.lr_scheduler_type)
             if schedule == "constant" and warmup > 0:  # HF's "constant" ignores the warm-up silently
                 schedule = "constant_with_warmup"
             self.lr_scheduler = get_scheduler(
