@@ -221,7 +221,7 @@ class AdaScale(GradientStatistics):
     def _preconditioner(self, param, reduced: torch.Tensor) -> torch.Tensor | None:
         """The statistics' ``P`` for ``param``: the preconditioner Adam applied in the *previous* step, its bias
         correction counted per row (``row_history``); ``inf`` on rows whose second moment rests on fewer than
-        ``MIN_SECOND_MOMENT_SAMPLES`` steps (they drop out), None when no row of the parameter qualifies. This
+        ``MIN_SECOND_MOMENT_SAMPLES`` steps (they drop out), None before Adam has state for it. This
         step's row history (from its reduced gradient) waits in ``_pending_rows`` until the update runs
         (``on_lr_applied``)."""
         group = self._groups[param]
@@ -247,14 +247,12 @@ class AdaScale(GradientStatistics):
         else:
             precond = v.sqrt().add_(eps).div_(correction.sqrt())
         too_short = touches < MIN_SECOND_MOMENT_SAMPLES
-        if bool(too_short.all()):
-            return None
         return precond.masked_fill_(too_short.expand_as(precond), math.inf)
 
     def _preconditioned_sums(self, model, loss_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(this rank's ``sum_i w_i ||g_i / P||^2``, ``||g_bar / P||^2``); both nan while no row has enough
         second-moment history (the first ``MIN_SECOND_MOMENT_SAMPLES`` steps: no estimate, the gain stays 1)."""
-        local, reduced = [], []
+        local, reduced, measured = [], [], []
         for p in model.parameters():
             if p.grad is None:
                 continue
@@ -262,6 +260,7 @@ class AdaScale(GradientStatistics):
             denom = self._preconditioner(p, p.grad / loss_scale)
             if denom is None:
                 continue
+            measured.append(torch.isfinite(denom).any())  # a row in the statistics (kept on the device: no sync)
             reduced.append((p.grad.float() / loss_scale / denom).square().sum())
             if sq_sum is not None:
                 local.append(sq_sum.div_(denom.square()).sum())
@@ -269,7 +268,10 @@ class AdaScale(GradientStatistics):
         if not reduced:
             nan = torch.tensor(math.nan)
             return nan, nan
-        return (torch.stack(local).sum() if local else torch.zeros(())), torch.stack(reduced).sum()
+        any_row = torch.stack(measured).any()
+        nan = torch.full((), math.nan, device=any_row.device)
+        local_sum = torch.stack(local).sum() if local else torch.zeros((), device=any_row.device)
+        return torch.where(any_row, local_sum, nan), torch.where(any_row, torch.stack(reduced).sum(), nan)
 
     def on_reduced_gradients(self, args, state, control, *, model, grad_sq_norm, num_micro_batches,
                              loss_scale=1.0, **kwargs):
