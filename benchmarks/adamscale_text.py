@@ -36,7 +36,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, TrainerCallback
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
-from hf_largebatch.adascale import AdaScale
+from hf_largebatch.algorithms.adascale import AdaScale
 from hf_largebatch.data import dataset_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

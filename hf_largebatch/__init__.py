@@ -12,15 +12,15 @@ Public API::
     ConAdv, ConAdvConfig   adversarial training on stale weights (added for adversarial="conadv"|"sequential")
 """
 
-from . import hf_private_api  # noqa: F401  first: refuses a transformers whose private API we override changed
-from .adascale import AdaScale
-from .algorithm import Algorithm
-from .autowu import AutoWU, AutoWUConfig
-from .conadv import ConAdv, ConAdvConfig
+from .core import hf_private_api  # noqa: F401  first: refuses a transformers whose private API we override changed
+from .algorithms.adascale import AdaScale
+from .core.events import Algorithm
+from .algorithms.autowu import AutoWU, AutoWUConfig
+from .algorithms.conadv import ConAdv, ConAdvConfig
 from .arguments import LargeBatchArguments
 from .reporting import LRHistory
-from .stats import NoiseScaleMonitor
-from .trainer import LargeBatchTrainer
+from .core.statistics import NoiseScaleMonitor
+from .core.trainer import LargeBatchTrainer
 
 __all__ = ["AdaScale", "Algorithm", "AutoWU", "AutoWUConfig", "ConAdv", "ConAdvConfig", "LargeBatchArguments",
            "LargeBatchTrainer", "LRHistory", "NoiseScaleMonitor"]

@@ -7,15 +7,15 @@ from dataclasses import dataclass, field, fields
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from . import backends
-from .autowu import AutoWUConfig
-from .batching import ADAPTIVE_TESTS, AdaptiveBatchConfig
-from .conadv import ADVERSARIAL_MODES, ConAdvConfig
-from .extrapolation import EXTRAPOLATIONS
-from .loss import LOSS_NORMALIZATIONS
-from .optimizers import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
-from .option_strings import option_name
-from .scaling import SCALING_RULES, check_rule
+from .core import backends
+from .algorithms.autowu import AutoWUConfig
+from .algorithms.adaptive_batch import ADAPTIVE_TESTS, AdaptiveBatchConfig
+from .algorithms.conadv import ADVERSARIAL_MODES, ConAdvConfig
+from .algorithms.extrapolation import EXTRAPOLATIONS
+from .core.loss import LOSS_NORMALIZATIONS
+from .optim.lars_lamb_adamp import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
+from .core.option_strings import option_name
+from .core.lr_scaling import SCALING_RULES, check_rule
 
 
 LR_SCHEDULES = ("hf", "autowu")

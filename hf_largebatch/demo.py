@@ -18,7 +18,7 @@ import torch
 
 from .arguments import LargeBatchArguments
 from .reporting import LRHistory, plot_lr_and_loss
-from .trainer import LargeBatchTrainer
+from .core.trainer import LargeBatchTrainer
 
 
 class _TensorDataset(torch.utils.data.Dataset):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .algorithm import Algorithm
+from .core.events import Algorithm
 
 
 class LRHistory(Algorithm):
@@ -87,7 +87,7 @@ def write_summary(trainer, metrics: dict, path: str, **extra) -> dict:
     history."""
     import json
 
-    from .batching import AdaptiveBatch, LocalSGD
+    from .algorithms.adaptive_batch import AdaptiveBatch, LocalSGD
 
     args = trainer.args
     algorithms = {type(alg): alg for alg in trainer.algorithms}

@@ -45,10 +45,10 @@ from dataclasses import dataclass, field
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, set_seed
 
 from hf_largebatch import ConAdvConfig, LargeBatchArguments, LargeBatchTrainer
-from hf_largebatch.conadv import evaluate_under_attack
+from hf_largebatch.algorithms.conadv import evaluate_under_attack
 from hf_largebatch.data.text import LEVELS, Vocabulary, load_lm_corpus
 from hf_largebatch.models import LSTM_PRESETS, LSTMForCausalLM, LSTMLMConfig
-from hf_largebatch.backends import run_recipe
+from hf_largebatch.core.backends import run_recipe
 from hf_largebatch.reporting import write_summary
 
 VOCAB_FILE = "vocab.json"

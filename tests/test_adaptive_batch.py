@@ -10,7 +10,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
-from hf_largebatch.batching import (AdaptiveBatch, AdaptiveBatchConfig, example_variances, grown_accumulation,
+from hf_largebatch.algorithms.adaptive_batch import (AdaptiveBatch, AdaptiveBatchConfig, example_variances, grown_accumulation,
                                     inner_product_test_batch, norm_test_batch, orthogonality_test_batch)
 from helpers import (IndexedClassifier, TinyLinearClassifier, digits_dataset, flat_params, indexed_points,
                      single_thread, tiny_resnet)

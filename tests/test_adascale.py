@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
-from hf_largebatch.adascale import MIN_SECOND_MOMENT_SAMPLES, AdaScale, adascale_gain, row_history
+from hf_largebatch.algorithms.adascale import MIN_SECOND_MOMENT_SAMPLES, AdaScale, adascale_gain, row_history
 from helpers import digits_dataset, flat_params, tiny_resnet, use_cpu_grad_scaler
 
 

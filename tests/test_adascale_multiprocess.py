@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from hf_largebatch.adascale import MIN_SECOND_MOMENT_SAMPLES
+from hf_largebatch.algorithms.adascale import MIN_SECOND_MOMENT_SAMPLES
 from test_multiprocess import run_workers
 
 pytestmark = pytest.mark.multiprocess

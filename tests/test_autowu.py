@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hf_largebatch import AutoWU, AutoWUConfig, LargeBatchArguments, LargeBatchTrainer, LRHistory
-from hf_largebatch.autowu import AutoWUController
+from hf_largebatch.algorithms.autowu import AutoWUController
 from helpers import digits_dataset, flat_params, tiny_resnet
 
 T, VOTE_EVERY = 1000, 20  # cap = 500 steps of warm-up

@@ -8,12 +8,12 @@ import torch
 import transformers
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, NoiseScaleMonitor
-from hf_largebatch.adascale import AdaScale
-from hf_largebatch.autowu import AutoWU
-from hf_largebatch.batching import AdaptiveBatch, AdaptiveBatchConfig, LocalSGD
-from hf_largebatch.composition import RunPlan, check_composition
-from hf_largebatch.conadv import ConAdv, ConAdvConfig
-from hf_largebatch.extrapolation import Extrapolation
+from hf_largebatch.algorithms.adascale import AdaScale
+from hf_largebatch.algorithms.autowu import AutoWU
+from hf_largebatch.algorithms.adaptive_batch import AdaptiveBatch, AdaptiveBatchConfig, LocalSGD
+from hf_largebatch.core.composition import RunPlan, check_composition
+from hf_largebatch.algorithms.conadv import ConAdv, ConAdvConfig
+from hf_largebatch.algorithms.extrapolation import Extrapolation
 from helpers import TinyLinearClassifier, random_points
 
 # name: (arguments that turn it on, arguments the callback form still needs, the callback)

@@ -7,9 +7,9 @@ import torch
 
 from transformers import TrainerCallback
 
-import hf_largebatch.conadv as conadv_module
+import hf_largebatch.algorithms.conadv as conadv_module
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
-from hf_largebatch.conadv import ConAdv, ConAdvConfig, perturbation, signed_gradient_perturbation
+from hf_largebatch.algorithms.conadv import ConAdv, ConAdvConfig, perturbation, signed_gradient_perturbation
 from helpers import (digits_dataset, flat_params, freeze_batchnorm_statistics, single_thread, tiny_bert_classifier,
                      tiny_gpt2_lm, tiny_resnet, token_dataset)
 

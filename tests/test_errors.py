@@ -10,7 +10,8 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
-from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, backends
+from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
+from hf_largebatch.core import backends
 from helpers import TinyLinearClassifier, random_points, single_thread
 
 

@@ -8,7 +8,7 @@ import torch
 from transformers import PretrainedConfig
 
 from hf_largebatch import Algorithm, LargeBatchArguments, LargeBatchTrainer
-from hf_largebatch.extrapolation import noise_seed
+from hf_largebatch.algorithms.extrapolation import noise_seed
 from helpers import TinyLinearClassifier, digits_dataset, flat_params, random_points, single_thread, tiny_resnet
 
 _threads = pytest.fixture(autouse=True)(single_thread)

@@ -18,10 +18,10 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from transformers import Seq2SeqTrainer, Trainer
 
-import hf_largebatch.seq2seq
-import hf_largebatch.trainer
+import hf_largebatch.core.seq2seq_trainer
+import hf_largebatch.core.trainer
 from hf_largebatch import hf_private_api
-from hf_largebatch.hf_private_api import PRIVATE_API, TESTED_RANGES, PrivateAPIError, check_private_api
+from hf_largebatch.core.hf_private_api import PRIVATE_API, TESTED_RANGES, PrivateAPIError, check_private_api
 from helpers import REPO
 
 TRANSFORMERS_RANGE = f"transformers{TESTED_RANGES['transformers']}"
@@ -51,7 +51,7 @@ def test_every_hf_internal_we_use_is_in_the_table():
     hf_names = set(dir(Seq2SeqTrainer)) | set(re.findall(r"self\.(_[a-z]\w*)\s*=", hf_source))
     hf_reads = set(re.findall(r"\bself\.(\w+)", hf_source))
     used, assigned = set(), set()
-    for module in (hf_largebatch.trainer, hf_largebatch.seq2seq):
+    for module in (hf_largebatch.core.trainer, hf_largebatch.core.seq2seq_trainer):
         source = inspect.getsource(module)
         used |= set(re.findall(r"\b(?:self|super\(\))\.(_[a-z]\w*)", source))
         used |= set(re.findall(r"getattr\(self, \"(_\w+)\"", source))

@@ -1,4 +1,4 @@
-"""LARS, LAMB and AdamP (hf_largebatch.optimizers) against hand-written numpy references of ALGORITHMS.md section 7,
+"""LARS, LAMB and AdamP (hf_largebatch.optim.lars_lamb_adamp) against hand-written numpy references of ALGORITHMS.md section 7,
 on tiny float64 models with 2-D weights, biases and 1-D norm weights; plus optim_args parsing and its errors."""
 
 import copy
@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from hf_largebatch.optimizers import LARGE_BATCH_OPTIMIZERS, LAMB, optimizer_cls_and_kwargs
+from hf_largebatch.optim.lars_lamb_adamp import LARGE_BATCH_OPTIMIZERS, LAMB, optimizer_cls_and_kwargs
 
 pytest.importorskip("pytorch_optimizer")
-from hf_largebatch.optimizers import LARS, AdamP  # noqa: E402
+from hf_largebatch.optim.lars_lamb_adamp import LARS, AdamP  # noqa: E402
 
 
 class Tiny(nn.Module):

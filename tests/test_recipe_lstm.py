@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from helpers import REPO, launch
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
-from hf_largebatch import loss as loss_rules
+from hf_largebatch.core import loss as loss_rules
 from hf_largebatch.data import DATA_ENV
 from hf_largebatch.data import text as text_data
 from hf_largebatch.models import LSTMForCausalLM, LSTMLMConfig

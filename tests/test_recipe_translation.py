@@ -19,7 +19,7 @@ from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForS
 from hf_largebatch import LargeBatchArguments
 from hf_largebatch.data import DATA_ENV
 from hf_largebatch.data.translation import SPECIAL_TOKENS, load_multi30k, load_pairs, multi30k_tokenizer
-from hf_largebatch.seq2seq import LargeBatchSeq2SeqArguments, LargeBatchSeq2SeqTrainer
+from hf_largebatch.core.seq2seq_trainer import LargeBatchSeq2SeqArguments, LargeBatchSeq2SeqTrainer
 from helpers import REPO, launch
 
 RECIPE = REPO / "recipes" / "translation.py"

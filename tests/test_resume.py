@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_largebatch import Algorithm, LargeBatchArguments, LargeBatchTrainer, LRHistory
-from hf_largebatch.trainer import ALGORITHM_STATE_FILE
+from hf_largebatch.core.trainer import ALGORITHM_STATE_FILE
 from helpers import digits_dataset, flat_params, tiny_resnet
 from test_golden_trajectories import BACKENDS, CASES
 

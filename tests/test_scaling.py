@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
-from hf_largebatch.scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier
+from hf_largebatch.core.lr_scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier
 from helpers import TinyLinearClassifier, random_points, single_thread
 
 N_EXAMPLES = 2048

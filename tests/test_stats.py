@@ -13,7 +13,7 @@ import torch
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
 from hf_largebatch import NoiseScaleMonitor
-from hf_largebatch.stats import BiasCorrectedEMA, smoothing_for_scale, unbiased_estimates
+from hf_largebatch.core.statistics import BiasCorrectedEMA, smoothing_for_scale, unbiased_estimates
 from helpers import DictDataset, use_cpu_grad_scaler
 
 DIM, MU, SIGMA = 10, 0.5, 2.0
@@ -143,7 +143,7 @@ def test_monitor_refuses_a_single_micro_batch():
 # ---------------------------------------------------------------- review defects (each failed on the old code)
 def test_reduced_norm_of_bf16_gradients_is_taken_in_fp32():
     """The reduced norm upcasts before squaring: a bf16 norm rounds to ~1e-3, which n T - L amplifies."""
-    from hf_largebatch.stats import reduced_sq_norm
+    from hf_largebatch.core.statistics import reduced_sq_norm
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(4097, generator=g).bfloat16() for _ in range(8)]
     exact = sum(float(x.double().square().sum()) for x in grads)

@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
-from hf_largebatch.batching import AdaptiveBatch, LocalSGD
+from hf_largebatch.algorithms.adaptive_batch import AdaptiveBatch, LocalSGD
 from helpers import IndexedClassifier, flat_params, indexed_points
 
 MICRO = 8
@@ -78,6 +78,6 @@ def main(out_dir: str, mode: str, resume: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from hf_largebatch.backends import run_recipe
+    from hf_largebatch.core.backends import run_recipe
 
     run_recipe(main, *sys.argv[1:])

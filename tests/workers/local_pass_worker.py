@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from hf_largebatch.conadv import ConAdv, ConAdvConfig
-from hf_largebatch.extrapolation import local_gradient
+from hf_largebatch.algorithms.conadv import ConAdv, ConAdvConfig
+from hf_largebatch.algorithms.extrapolation import local_gradient
 from helpers import flat_params, tiny_bert_classifier, token_dataset
 
 

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory, NoiseScaleMonitor
-from hf_largebatch.adascale import AdaScale
-from hf_largebatch.backends import load_deepspeed_config, zero_stage
+from hf_largebatch.algorithms.adascale import AdaScale
+from hf_largebatch.core.backends import load_deepspeed_config, zero_stage
 from helpers import (DictDataset, IndexedClassifier, digits_dataset, event_trace_class, flat_params,
                      freeze_batchnorm_statistics, indexed_points, tiny_bert_classifier, tiny_gpt2_lm, tiny_resnet, token_dataset,
                      zipf_token_classification)

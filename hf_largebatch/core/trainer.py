@@ -24,17 +24,17 @@ from transformers.optimization import get_scheduler
 
 from . import backends
 from . import loss as loss_rules
-from .adascale import AdaScale, innermost_optimizer
-from .algorithm import EVENTS, Algorithm
+from ..algorithms.adascale import AdaScale, innermost_optimizer
+from .events import EVENTS, Algorithm
 from .composition import RunPlan, check_composition
-from .autowu import AutoWU
-from .batching import EXAMPLE_TESTS, AdaptiveBatch, LocalSGD, per_example_gradients
-from .conadv import ConAdv, micro_batch_seed
-from .extrapolation import Extrapolation, local_gradient, noise_seed
-from .optimizers import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
+from ..algorithms.autowu import AutoWU
+from ..algorithms.adaptive_batch import EXAMPLE_TESTS, AdaptiveBatch, LocalSGD, per_example_gradients
+from ..algorithms.conadv import ConAdv, micro_batch_seed
+from ..algorithms.extrapolation import Extrapolation, local_gradient, noise_seed
+from ..optim.lars_lamb_adamp import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
 from .option_strings import option_name
-from .scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier, steps_per_epoch
-from .stats import reduced_sq_norm
+from .lr_scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier, steps_per_epoch
+from .statistics import reduced_sq_norm
 
 ALGORITHM_STATE_FILE = "hf_largebatch_algorithms_rank{rank}.pt"
 

@@ -40,11 +40,11 @@ from dataclasses import dataclass, fields
 import torch
 import torch.distributed as dist
 
-from . import backends
-from .algorithm import Algorithm, final_save_and_evaluation
-from .option_strings import option_name, parse_key_values
-from .scaling import peak_lr_multiplier
-from .stats import VAR_FLOOR, BiasCorrectedEMA, GradientStatistics, unbiased_estimates
+from ..core import backends
+from ..core.events import Algorithm, final_save_and_evaluation
+from ..core.option_strings import option_name, parse_key_values
+from ..core.lr_scaling import peak_lr_multiplier
+from ..core.statistics import VAR_FLOOR, BiasCorrectedEMA, GradientStatistics, unbiased_estimates
 
 ADAPTIVE_TESTS = ("none", "norm", "inner_product", "augmented")
 EXAMPLE_TESTS = ("inner_product", "augmented")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .algorithm import Algorithm
+from ..core.events import Algorithm
 
 EXTRAPOLATIONS = ("none", "fresh", "past", "noise")
 

@@ -35,9 +35,9 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
-from . import backends
-from .algorithm import Algorithm
-from .option_strings import parse_key_values
+from ..core import backends
+from ..core.events import Algorithm
+from ..core.option_strings import parse_key_values
 
 DECAYS = ("cos", "const-cos")
 

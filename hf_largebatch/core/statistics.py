@@ -29,7 +29,7 @@ import math
 import torch
 
 from . import backends
-from .algorithm import Algorithm
+from .events import Algorithm
 
 VAR_FLOOR = 1e-6
 

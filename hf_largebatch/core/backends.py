@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .optimizers import LARGE_BATCH_OPTIMIZERS
+from ..optim.lars_lamb_adamp import LARGE_BATCH_OPTIMIZERS
 
 
 def check_launch(environ: dict | None = None) -> None:

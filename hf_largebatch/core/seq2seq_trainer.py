@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
-from .arguments import LargeBatchArguments
+from ..arguments import LargeBatchArguments
 from .trainer import LargeBatchTrainer
 
 

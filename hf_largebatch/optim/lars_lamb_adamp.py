@@ -47,7 +47,7 @@ from typing import Any
 import pytorch_optimizer as _po
 import torch
 
-from .option_strings import option_name, parse_key_values
+from ..core.option_strings import option_name, parse_key_values
 
 LARGE_BATCH_OPTIMIZERS = ("lars", "lamb", "adamp")
 

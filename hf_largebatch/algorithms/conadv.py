@@ -36,10 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import backends
-from . import loss as loss_rules
-from .algorithm import Algorithm
-from .option_strings import parse_key_values
+from ..core import backends
+from ..core import loss as loss_rules
+from ..core.events import Algorithm
+from ..core.option_strings import parse_key_values
 
 ADVERSARIAL_MODES = ("none", "conadv", "sequential")
 _FLOAT_INPUTS = ("pixel_values", "input_values", "input_features")

@@ -60,17 +60,17 @@ import math
 
 import torch
 
-from . import optimizers
-from .algorithm import final_save_and_evaluation
-from .option_strings import option_name
-from .scaling import steps_per_epoch
-from .stats import GradientStatistics
+from ..optim import lars_lamb_adamp
+from ..core.events import final_save_and_evaluation
+from ..core.option_strings import option_name
+from ..core.lr_scaling import steps_per_epoch
+from ..core.statistics import GradientStatistics
 
 #: optimiser classes AdaScale knows, and how each preconditions: None (plain SGD-type update), "eps_after"
 #: (``sqrt(v / (1 - beta2^t)) + eps``: torch's Adam/AdamW, our LAMB) or "eps_before" (``(sqrt(v) + eps) /
 #: sqrt(1 - beta2^t)``: pytorch_optimizer's AdamP). Looked up along the class's MRO (AdamW before Adam).
-_OPTIMIZER_KINDS = {torch.optim.SGD: None, optimizers.LARS: None, torch.optim.AdamW: "eps_after",
-                    torch.optim.Adam: "eps_after", optimizers.LAMB: "eps_after", optimizers.AdamP: "eps_before"}
+_OPTIMIZER_KINDS = {torch.optim.SGD: None, lars_lamb_adamp.LARS: None, torch.optim.AdamW: "eps_after",
+                    torch.optim.Adam: "eps_after", lars_lamb_adamp.LAMB: "eps_after", lars_lamb_adamp.AdamP: "eps_before"}
 
 
 #: AdamScale: a row enters the statistics once its second moment rests on this many steps that touched it.
