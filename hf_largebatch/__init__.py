@@ -2,26 +2,33 @@
 
 Public API::
 
-    LargeBatchTrainer      drop-in transformers.Trainer
-    LargeBatchArguments    TrainingArguments + lr_scaling / base_batch_size / legw_base_warmup_epochs / ...
-    Algorithm              TrainerCallback with the extra large-batch events and checkpoint state
-    LRHistory              callback recording the applied LR, loss and examples seen per step (for plots)
-    AdaScale               the AdaScale / AdamScale algorithm (added for lr_scaling="adascale")
-    NoiseScaleMonitor      gradient-noise-scale telemetry for any run (no LR change)
-    AutoWU, AutoWUConfig   automated warm-up and decay (added for lr_schedule="autowu")
-    ConAdv, ConAdvConfig   adversarial training on stale weights (added for adversarial="conadv"|"sequential")
+    LargeBatchTrainer            drop-in transformers.Trainer (core/trainer.py)
+    LargeBatchSeq2SeqTrainer     the same with Seq2SeqTrainer's generation-based evaluation
+    LargeBatchArguments          TrainingArguments + lr_scaling / base_batch_size / legw_base_warmup_epochs / ...
+    LargeBatchSeq2SeqArguments   Seq2SeqTrainingArguments + the same options
+    Algorithm, Clock, MicroBatch TrainerCallback with the extra large-batch events (core/events.py), and what two
+                                 of its events return
+    LRHistory                    callback recording the applied LR, loss and examples seen per step (for plots)
+    the algorithms               AdaScale, NoiseScaleMonitor, AutoWU (+ AutoWUConfig), ConAdv (+ ConAdvConfig),
+                                 Extrapolation, AdaptiveBatch (+ AdaptiveBatchConfig), LocalSGD: each built from its
+                                 option, or passed in callbacks=[...]
+    evaluate_under_attack        metrics under ConAdv's attack
+    write_summary, plot_lr_and_loss, run_recipe   what the recipes use around a run
 """
 
 from .core import hf_private_api  # noqa: F401  first: refuses a transformers whose private API we override changed
-from .algorithms.adascale import AdaScale
-from .core.events import Algorithm
-from .algorithms.autowu import AutoWU, AutoWUConfig
-from .algorithms.conadv import ConAdv, ConAdvConfig
+from .algorithms import (AdaptiveBatch, AdaptiveBatchConfig, AdaScale, AutoWU, AutoWUConfig, ConAdv, ConAdvConfig,
+                         Extrapolation, LocalSGD, NoiseScaleMonitor)
+from .algorithms.conadv import evaluate_under_attack
 from .arguments import LargeBatchArguments
-from .reporting import LRHistory
-from .core.statistics import NoiseScaleMonitor
+from .core.backends import run_recipe
+from .core.events import Algorithm, Clock, MicroBatch
+from .core.seq2seq_trainer import LargeBatchSeq2SeqArguments, LargeBatchSeq2SeqTrainer
 from .core.trainer import LargeBatchTrainer
+from .reporting import LRHistory, plot_lr_and_loss, write_summary
 
-__all__ = ["AdaScale", "Algorithm", "AutoWU", "AutoWUConfig", "ConAdv", "ConAdvConfig", "LargeBatchArguments",
-           "LargeBatchTrainer", "LRHistory", "NoiseScaleMonitor"]
+__all__ = ["AdaScale", "AdaptiveBatch", "AdaptiveBatchConfig", "Algorithm", "AutoWU", "AutoWUConfig", "Clock",
+           "ConAdv", "ConAdvConfig", "Extrapolation", "LargeBatchArguments", "LargeBatchSeq2SeqArguments",
+           "LargeBatchSeq2SeqTrainer", "LargeBatchTrainer", "LocalSGD", "LRHistory", "MicroBatch",
+           "NoiseScaleMonitor", "evaluate_under_attack", "plot_lr_and_loss", "run_recipe", "write_summary"]
 __version__ = "0.1.0"

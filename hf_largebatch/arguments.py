@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
+from .algorithms import from_arguments
 from .core import backends
 from .algorithms.autowu import AutoWUConfig
 from .algorithms.adaptive_batch import ADAPTIVE_TESTS, AdaptiveBatchConfig
@@ -32,7 +33,7 @@ class LargeBatchArguments(TrainingArguments):
 
     optim: str = field(
         default=_HF_DEFAULT_OPTIM,
-        metadata={"help": "The optimizer: any of transformers' OptimizerNames, or lars | lamb | adamp (optimizers.py; "
+        metadata={"help": "The optimizer: any of transformers' OptimizerNames, or lars | lamb | adamp (optim/lars_lamb_adamp.py; "
                           "their options through optim_args, e.g. 'trust_coefficient=0.001,momentum=0.9').",
                   "choices": [o.value for o in OptimizerNames] + list(LARGE_BATCH_OPTIMIZERS)},
     )
@@ -196,6 +197,11 @@ class LargeBatchArguments(TrainingArguments):
                 raise ValueError("adaptive_batch_args is set but adaptive_batch is 'none'")
         else:
             self.adaptive_batch_config()  # parse now: a bad key or a missing max_batch_size fails before any work
+
+    def build_algorithms(self, present=()) -> list:
+        """The algorithms these options ask for, less those of a kind already ``present`` (``callbacks=[...]``):
+        ``algorithms.from_arguments``, called by ``LargeBatchTrainer``."""
+        return from_arguments(self, present)
 
     def adaptive_batch_config(self) -> AdaptiveBatchConfig:
         return AdaptiveBatchConfig.from_string(self.adaptive_batch_args)

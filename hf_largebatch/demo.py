@@ -108,7 +108,7 @@ def run_demo(output_dir: str = "hf_largebatch_demo", base_batch_size: int = 16, 
             "run": run.label, "global_batch": batch, "scale": trainer.scale,
             "peak_lr": max(history.learning_rates), "warmup_steps": trainer.lr_plan(trainer.state.max_steps)[1],
             "steps": trainer.state.global_step, "test_accuracy": metrics["eval_accuracy"], "wall_s": wall,
-            "mean_gain": (trainer._adascale().progress / trainer.state.global_step
+            "mean_gain": (trainer.algorithm("adascale").progress / trainer.state.global_step
                           if run.lr_scaling == "adascale" else None),
         })
     with open(os.path.join(output_dir, "results.json"), "w") as f:

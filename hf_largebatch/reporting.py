@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .algorithms import AdaptiveBatch, LocalSGD
 from .core.events import Algorithm
 
 
@@ -87,11 +88,9 @@ def write_summary(trainer, metrics: dict, path: str, **extra) -> dict:
     history."""
     import json
 
-    from .algorithms.adaptive_batch import AdaptiveBatch, LocalSGD
-
     args = trainer.args
-    algorithms = {type(alg): alg for alg in trainer.algorithms}
-    adaptive, local = algorithms.get(AdaptiveBatch), algorithms.get(LocalSGD)
+    adaptive = next((alg for alg in trainer.algorithms if isinstance(alg, AdaptiveBatch)), None)
+    local = next((alg for alg in trainer.algorithms if isinstance(alg, LocalSGD)), None)
     steps = trainer.state.global_step
     summary = {
         "global_batch_size": trainer.global_batch_size,

@@ -223,3 +223,16 @@ def event_trace_class():
                   "on_pre_optimizer_step", "on_optimizer_step", "on_step_end"):
         setattr(EventTrace, event, lambda self, args, state, control, _e=event, **kw: self._add(_e))
     return EventTrace
+
+
+def conadv_batch(algorithm, model, inputs, step: int = 0, shifts_labels: bool = False):
+    """``(batch, context)`` of ConAdv's ``transform_micro_batch`` for the last micro-batch of optimizer step
+    ``step`` (seed 0, rank 0), outside a trainer."""
+    from types import SimpleNamespace
+
+    from hf_largebatch.core.step import StepContext
+
+    micro_batch = algorithm.transform_micro_batch(
+        SimpleNamespace(seed=0, process_index=0), SimpleNamespace(global_step=step), None,
+        step=StepContext(shifts_labels=shifts_labels), model=model, inputs=inputs)
+    return micro_batch.inputs, micro_batch.context

@@ -10,8 +10,9 @@ import torch
 from transformers import TrainerCallback
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
-from hf_largebatch.algorithms.adaptive_batch import (AdaptiveBatch, AdaptiveBatchConfig, example_variances, grown_accumulation,
-                                    inner_product_test_batch, norm_test_batch, orthogonality_test_batch)
+from hf_largebatch.algorithms.adaptive_batch import (AdaptiveBatch, AdaptiveBatchConfig, example_variances,
+                                                    grown_accumulation, inner_product_test_batch, norm_test_batch,
+                                                    orthogonality_test_batch)
 from helpers import (IndexedClassifier, TinyLinearClassifier, digits_dataset, flat_params, indexed_points,
                      single_thread, tiny_resnet)
 
@@ -96,7 +97,7 @@ def test_norm_test_decision_equals_hand_computed(tmp_path):
     reduced = ((g1 + g2) / 2) @ ((g1 + g2) / 2)
     grad_sqr, micro_var = 2 * reduced - local, 2 * (local - reduced)  # section 0 with n = 2
     requested = micro_var * MICRO / grad_sqr / eta ** 2  # tr(Sigma) / (eta^2 ||G||^2)
-    alg = trainer._adaptive
+    alg = trainer.algorithm("adaptive_batch")
     assert alg.history[0][2] == pytest.approx(float(requested), rel=1e-5)
     assert alg.accumulation == grown_accumulation(float(requested), 2, MICRO, 8, alg.config.max_growth)
 
@@ -116,7 +117,7 @@ def test_example_test_decision_equals_hand_computed(tmp_path, test):
     perp = per_example - torch.outer(dots / sqr, bar)
     orth = float((perp * perp).sum()) / (m - 1) / (nu ** 2 * sqr)
     expected = inner if test == "inner_product" else max(inner, orth)
-    assert trainer._adaptive.history[0][2] == pytest.approx(expected, rel=1e-5)
+    assert trainer.algorithm("adaptive_batch").history[0][2] == pytest.approx(expected, rel=1e-5)
 
 
 def test_per_example_pass_leaves_training_unchanged(tmp_path):
@@ -138,7 +139,7 @@ def test_per_example_pass_leaves_training_unchanged(tmp_path):
 # ---------------------------------------------------------------- growth, data order, schedule, budget
 def test_batch_grows_at_step_boundaries_with_the_data_order_of_a_fixed_batch_run(tmp_path):
     trainer, model, sizes = run(tmp_path / "adaptive", "norm", ",eta=0.5")
-    alg = trainer._adaptive
+    alg = trainer.algorithm("adaptive_batch")
     assert sizes.sizes[0] == 16 and max(sizes.sizes) == 64, sizes.sizes
     assert all(s % MICRO == 0 for s in sizes.sizes)
     # only grows, except the last step of an epoch, which takes what is left (32 micro-batches per epoch)
@@ -179,7 +180,7 @@ def test_schedule_and_budget_count_samples(tmp_path):
     history = LRHistory(16)
     trainer, model, sizes = run(tmp_path, "norm", ",eta=0.5", callbacks=[history], max_steps=20,
                                 lr_scheduler_type="linear", lr_scaling="linear", base_batch_size=16)
-    alg = trainer._adaptive
+    alg = trainer.algorithm("adaptive_batch")
     assert alg.samples_seen == 320 == sum(sizes.sizes)
     assert trainer.state.global_step == len(sizes.sizes) < 20
     before = np.cumsum([0] + sizes.sizes[:-1])
@@ -197,8 +198,8 @@ def test_resume_is_exact(tmp_path):
     np.testing.assert_array_equal(flat_params(full_model), flat_params(resumed_model))
     assert resumed_sizes.sizes == full_sizes.sizes[3:]
     assert resumed_model.seen == full_model.seen[sum(full_sizes.sizes[:3]):]
-    assert resumed._adaptive.history == full._adaptive.history
-    assert resumed._adaptive.samples_seen == full._adaptive.samples_seen == 512
+    assert resumed.algorithm("adaptive_batch").history == full.algorithm("adaptive_batch").history
+    assert resumed.algorithm("adaptive_batch").samples_seen == full.algorithm("adaptive_batch").samples_seen == 512
 
 
 # ---------------------------------------------------------------- refusals
@@ -259,6 +260,6 @@ def test_run_ends_with_a_final_checkpoint_and_evaluation(tmp_path, budget):
                                 eval_dataset=indexed_points(32))
     trainer.train()
     final = trainer.state.global_step
-    assert trainer._adaptive.batch_size > 2 * MICRO and final < trainer.state.max_steps  # grew: fewer steps
+    assert trainer.algorithm("adaptive_batch").batch_size > 2 * MICRO and final < trainer.state.max_steps  # grew: fewer steps
     assert (tmp_path / f"checkpoint-{final}").is_dir()
     assert [h["step"] for h in trainer.state.log_history if "eval_loss" in h] == [final]

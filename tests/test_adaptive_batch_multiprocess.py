@@ -44,7 +44,7 @@ def test_ddp_adaptive_batch_matches_one_rank_and_agrees_across_ranks(tmp_path):
                                adaptive_batch="norm", adaptive_batch_args="max_batch_size=64,eta=0.5,smoothing=0")
     trainer = LargeBatchTrainer(model=model, args=args, train_dataset=indexed_points())
     trainer.train()
-    single = trainer._adaptive.history
+    single = trainer.algorithm("adaptive_batch").history
     assert [(s, b) for s, b, _ in single] == [(s, b) for s, b, _ in r0["history"]]
     np.testing.assert_allclose([r for _, _, r in single], [r for _, _, r in r0["history"]], rtol=1e-5)
     np.testing.assert_allclose(flat_params(model), r0["final_params"], atol=1e-6)

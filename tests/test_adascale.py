@@ -105,7 +105,7 @@ def test_fp16_overflowed_steps_make_no_progress(tmp_path):
     skipped = round(math.log2(2.0 ** 16 / trainer.accelerator.scaler.get_scale()))
     logs = [h for h in trainer.state.log_history if "adascale_gain" in h]
     increments = np.diff([0.0] + [h["progress"] for h in logs])
-    assert skipped >= 1 and trainer._adascale().skipped_steps == skipped  # the inf step, and any fp16 overflow
+    assert skipped >= 1 and trainer.algorithm("adascale").skipped_steps == skipped  # the inf step, and any fp16 overflow
     assert (increments == 0).sum() == skipped
     moved = increments > 0
     np.testing.assert_allclose(increments[moved], np.array([h["adascale_gain"] for h in logs])[moved], rtol=1e-9)
@@ -156,7 +156,7 @@ def test_resume_matches_uninterrupted(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
     assert resumed.state.global_step == full.state.global_step
     np.testing.assert_allclose(resumed_hist.learning_rates, full_hist.learning_rates, rtol=1e-9)
-    assert resumed._adascale().progress == pytest.approx(full._adascale().progress, rel=1e-9)
+    assert resumed.algorithm("adascale").progress == pytest.approx(full.algorithm("adascale").progress, rel=1e-9)
     np.testing.assert_allclose(flat_params(resumed_model), flat_params(full_model), rtol=0, atol=1e-6)
 
 
@@ -164,7 +164,7 @@ def test_adam_uses_sqrt_gain(tmp_path):
     trainer, _, history = make(tmp_path, base=8, epochs=1, optim="adamw_torch", learning_rate=1e-3,
                                optim_args=None)
     trainer.train()
-    alg = trainer._adascale()
+    alg = trainer.algorithm("adascale")
     assert alg.adam
     logs = [h for h in trainer.state.log_history if "adascale_gain" in h]
     last = logs[-1]
@@ -292,7 +292,7 @@ def test_adamscale_resume_is_exact_with_rare_rows(tmp_path):
     checkpoint = min((tmp_path / "full").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
     saved_step = int(checkpoint.name.split("-")[1])
     assert MIN_SECOND_MOMENT_SAMPLES < saved_step < full.state.global_step
-    touches = full._adascale()._rows[full_model.get_input_embeddings().weight][1].flatten()
+    touches = full.algorithm("adascale")._rows[full_model.get_input_embeddings().weight][1].flatten()
     assert (touches < MIN_SECOND_MOMENT_SAMPLES).any() and (touches >= MIN_SECOND_MOMENT_SAMPLES).any()
     resumed, resumed_model, resumed_gains = run(tmp_path / "resumed", resume=str(checkpoint))
     later = [s for s in full_gains if s > saved_step]

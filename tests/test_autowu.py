@@ -111,7 +111,7 @@ def autowu_trainer(output_dir, save_steps=None, **extra):
 def test_real_training_run_switches_and_applies_its_lr(tmp_path):
     trainer, _, history = autowu_trainer(tmp_path)
     trainer.train()
-    c = trainer._autowu().controller
+    c = trainer.algorithm("autowu").controller
     assert c.total_steps == len(history.steps) == 224 and c.cap == 112
     assert c.switch_step is not None and c.switch_step <= c.cap
     # the LR applied at every step is the controller's (0-based step index)
@@ -128,11 +128,11 @@ def test_real_training_run_switches_and_applies_its_lr(tmp_path):
 def test_resume_in_the_middle_of_warm_up(tmp_path):
     full, full_model, full_hist = autowu_trainer(tmp_path / "full", save_steps=60)
     full.train()
-    c = full._autowu().controller
+    c = full.algorithm("autowu").controller
     assert 60 < c.switch_step, "checkpoint-60 must be inside the warm-up for this test to mean anything"
     resumed, resumed_model, resumed_hist = autowu_trainer(tmp_path / "resumed")
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-60"))
-    r = resumed._autowu().controller
+    r = resumed.algorithm("autowu").controller
     assert r.votes[:6] == c.votes[:6] and len(r.votes) == len(c.votes)  # the votes before the checkpoint came back
     assert (r.switch_step, r.switch_lr) == (c.switch_step, c.switch_lr)
     assert resumed_hist.steps == full_hist.steps  # LRHistory's own record came back with the checkpoint

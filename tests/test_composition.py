@@ -10,7 +10,7 @@ import transformers
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, NoiseScaleMonitor
 from hf_largebatch.algorithms.adascale import AdaScale
 from hf_largebatch.algorithms.autowu import AutoWU
-from hf_largebatch.algorithms.adaptive_batch import AdaptiveBatch, AdaptiveBatchConfig, LocalSGD
+from hf_largebatch import AdaptiveBatch, AdaptiveBatchConfig, LocalSGD
 from hf_largebatch.core.composition import RunPlan, check_composition
 from hf_largebatch.algorithms.conadv import ConAdv, ConAdvConfig
 from hf_largebatch.algorithms.extrapolation import Extrapolation

@@ -10,8 +10,8 @@ from transformers import TrainerCallback
 import hf_largebatch.algorithms.conadv as conadv_module
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
 from hf_largebatch.algorithms.conadv import ConAdv, ConAdvConfig, perturbation, signed_gradient_perturbation
-from helpers import (digits_dataset, flat_params, freeze_batchnorm_statistics, single_thread, tiny_bert_classifier,
-                     tiny_gpt2_lm, tiny_resnet, token_dataset)
+from helpers import (conadv_batch, digits_dataset, flat_params, freeze_batchnorm_statistics, single_thread,
+                     tiny_bert_classifier, tiny_gpt2_lm, tiny_resnet, token_dataset)
 
 _threads = pytest.fixture(autouse=True)(single_thread)
 
@@ -66,7 +66,7 @@ def test_attack_touches_no_gradient_bn_statistic_or_global_rng():
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     rng = torch.get_rng_state()
     algorithm = ConAdv(ConAdvConfig(epsilon=0.1))
-    batch_out, _ = algorithm.training_batch(model, batch, seed=1, last_micro_batch=True, shift_labels=False)
+    batch_out, _ = conadv_batch(algorithm, model, batch, step=1)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
     for name, value in model.named_buffers():
         torch.testing.assert_close(value, buffers[name], rtol=0, atol=0)
@@ -133,7 +133,7 @@ def test_embedding_perturbation_for_text_respects_epsilon_and_is_applied():
     model.train()
     data = token_dataset(8, 12, 64, 3).columns
     algorithm = ConAdv(ConAdvConfig(epsilon=0.05))
-    batch, perturbing = algorithm.training_batch(model, data, seed=0, last_micro_batch=True, shift_labels=False)
+    batch, perturbing = conadv_batch(algorithm, model, data)
     seen = []
     with perturbing as hits:  # a hook registered after ConAdv's sees what the model gets
         handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out))
@@ -180,7 +180,7 @@ def test_resume_restores_stale_weights(tmp_path):
         args = make_args(out, max_steps=6, save_strategy="steps", save_steps=3, optim_args="momentum=0.9")
         trainer = LargeBatchTrainer(model=model, args=args, train_dataset=digits_dataset(192))
         trainer.train(resume_from_checkpoint=resume)
-        return model, trainer._conadv()
+        return model, trainer.algorithm("conadv")
 
     full_model, full_adv = run(tmp_path / "full")
     checkpoint = tmp_path / "full" / "checkpoint-3"
@@ -199,7 +199,7 @@ def test_resume_without_stale_weights_would_differ(tmp_path):
     lost = tiny_resnet()
     trainer = LargeBatchTrainer(model=lost, args=make_args(tmp_path / "lost", max_steps=6),
                                 train_dataset=digits_dataset(192))
-    trainer._conadv().load_state_dict = lambda state: None  # drop the saved attack copy
+    trainer.algorithm("conadv").load_state_dict = lambda state: None  # drop the saved attack copy
     trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
     assert np.abs(flat_params(lost) - flat_params(model)).max() > 1e-7
 

@@ -13,7 +13,8 @@ import torch
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
 from hf_largebatch import NoiseScaleMonitor
-from hf_largebatch.core.statistics import BiasCorrectedEMA, smoothing_for_scale, unbiased_estimates
+from hf_largebatch.core.statistics import (BiasCorrectedEMA, GradientStatistics, smoothing_for_scale,
+                                           unbiased_estimates)
 from helpers import DictDataset, use_cpu_grad_scaler
 
 DIM, MU, SIGMA = 10, 0.5, 2.0
@@ -154,13 +155,17 @@ def test_reduced_norm_of_bf16_gradients_is_taken_in_fp32():
 
 
 def feed_step(stats, micro_grads, weights, world=1):
-    """One step through the algorithm's events: hook gradients ``weight x g_i``, then the reduced gradient."""
+    """One step as the trainer runs it: the estimator gets the hook gradients ``weight x g_i`` and the reduced
+    gradient, the consumer its step statistics."""
+    estimator = GradientStatistics(world_size=world)
+    estimator.begin_step()
     for g, w in zip(micro_grads, weights):
-        stats.on_local_gradient(None, None, None, name="w", param=None, grad=w * g, weight=w)
-        stats.on_micro_batch_end(None, None, None)
+        estimator.on_local_gradient(None, w * g, w)
+        estimator.on_micro_batch_end()
     reduced = sum(w * g for g, w in zip(micro_grads, weights)) / world
-    stats.on_reduced_gradients(ARGS, None, None, grad_sq_norm=reduced.double().square().sum().float(),
-                               num_micro_batches=len(micro_grads), num_examples=8 * len(micro_grads))
+    step = estimator.measure(None, reduced.double().square().sum().float(), len(micro_grads), 8 * len(micro_grads),
+                             loss_scale=1.0)
+    stats.on_reduced_gradients(ARGS, None, None, statistics=step)
 
 
 class _Args:

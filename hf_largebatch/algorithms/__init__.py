@@ -1,0 +1,49 @@
+"""The large-batch methods, one module each, every one an ``Algorithm`` (``core/events.py``) that plugs into the
+trainer through events only.
+
+``from_arguments`` is the one place where options (``LargeBatchArguments``) become algorithms; an algorithm of
+the same kind passed in ``callbacks=[...]`` takes the option's place.
+"""
+
+from __future__ import annotations
+
+from ..core.events import Algorithm
+from .adaptive_batch import AdaptiveBatch, AdaptiveBatchConfig
+from .adascale import AdaScale
+from .autowu import AutoWU, AutoWUConfig
+from .conadv import ConAdv, ConAdvConfig
+from .extrapolation import Extrapolation
+from .local_sgd import LocalSGD
+from .noise_scale import NoiseScaleMonitor
+
+__all__ = ["AdaScale", "AdaptiveBatch", "AdaptiveBatchConfig", "AutoWU", "AutoWUConfig", "ConAdv", "ConAdvConfig",
+           "Extrapolation", "LocalSGD", "NoiseScaleMonitor", "from_arguments"]
+
+
+def _conadv(args) -> ConAdv:
+    config = args.conadv_config()
+    if config.pixel_epsilon is not None and config.image_std is None:
+        raise ValueError("adversarial_args gives pixel_epsilon, which needs the images' per-channel std: pass "
+                         "callbacks=[ConAdv(args.conadv_config(image_mean=..., image_std=...), "
+                         "args.adversarial)] (the image recipe does), or give epsilon in input units")
+    return ConAdv(config, args.adversarial)
+
+
+#: (the algorithm's class, whether the options ask for it, how to build it from them), in the order they are added
+_FROM_OPTIONS = (
+    (AdaScale, lambda args: args.lr_scaling == "adascale", lambda args: AdaScale()),
+    (AutoWU, lambda args: args.lr_schedule == "autowu", lambda args: AutoWU(args.autowu_config())),
+    (ConAdv, lambda args: args.adversarial != "none", _conadv),
+    (Extrapolation, lambda args: args.extrapolation != "none",
+     lambda args: Extrapolation(args.extrapolation, args.extrapolation_ratio)),
+    (AdaptiveBatch, lambda args: args.adaptive_batch != "none",
+     lambda args: AdaptiveBatch(args.adaptive_batch, args.adaptive_batch_config(), args.lr_scaling,
+                                args.base_batch_size, args.local_sgd_steps)),
+    (LocalSGD, lambda args: bool(args.local_sgd_steps), lambda args: LocalSGD(args.local_sgd_steps)),
+)
+
+
+def from_arguments(args, present: list[Algorithm] = ()) -> list[Algorithm]:
+    """The algorithms ``args`` asks for, less those whose kind is already ``present`` (passed as callbacks)."""
+    return [build(args) for kind, wanted, build in _FROM_OPTIONS
+            if wanted(args) and not any(isinstance(alg, kind) for alg in present)]

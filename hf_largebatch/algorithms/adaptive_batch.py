@@ -9,7 +9,7 @@ if not, which batch would be:
     orthogonality  grow while E ||g_i - proj_g g_i||^2 / b > nu^2 ||g||^2
     augmented      the larger of inner_product and orthogonality
 
-``tr(Sigma)`` and ``||G||^2`` are the unbiased micro-batch estimates of ``stats.py`` (section 0: no extra pass, one
+``tr(Sigma)`` and ``||G||^2`` are the unbiased micro-batch estimates of ``core/statistics.py`` (section 0: no extra pass, one
 scalar all-reduce per step). The inner-product and orthogonality tests need per-example gradients: they are taken on
 the first ``test_examples`` examples of each rank's first micro-batch (one small backward each, at the step's
 weights: one forward of those examples, then one ``torch.autograd.grad`` per example's loss — no ``.grad`` written,
@@ -17,7 +17,7 @@ no collective, BatchNorm normalising over the sub-batch as in training and its b
 with the step's gradient ``g`` and reduced as four scalars. Numerators and denominators are smoothed separately
 (bias-corrected EMA, ``smoothing``), never their ratio.
 
-How the batch grows (``LargeBatchTrainer`` drives it): the global batch is ``per_device_train_batch_size x
+How the batch grows (through the trainer's events): the global batch is ``per_device_train_batch_size x
 accumulation x world_size`` and only the accumulation changes, at a step boundary, to the smallest value whose batch
 passes the test (capped by ``max_batch_size``). The data loader is untouched, so the data order is exactly that of a
 fixed-batch run: a step simply draws more micro-batches. The LR schedule and the budget count samples (in steps of
@@ -34,17 +34,15 @@ and grows the local batch of every worker alike.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import torch
-import torch.distributed as dist
 
 from ..core import backends
-from ..core.events import Algorithm, final_save_and_evaluation
-from ..core.option_strings import option_name, parse_key_values
+from ..core.events import Clock, final_save_and_evaluation
 from ..core.lr_scaling import peak_lr_multiplier
-from ..core.statistics import VAR_FLOOR, BiasCorrectedEMA, GradientStatistics, unbiased_estimates
+from ..core.option_strings import parse_key_values
+from ..core.statistics import BiasCorrectedEMA, SmoothedNoiseScale
 
 ADAPTIVE_TESTS = ("none", "norm", "inner_product", "augmented")
 EXAMPLE_TESTS = ("inner_product", "augmented")
@@ -92,48 +90,6 @@ def grown_accumulation(requested_batch: float, accumulation: int, examples_per_m
     return min(max(accumulation, wanted), max_accumulation)
 
 
-def average_across_ranks_(tensors: list[torch.Tensor]) -> None:
-    """In place: each tensor becomes its mean over ranks (one all-reduce of a flat buffer; identity alone)."""
-    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    offset = 0
-    with torch.no_grad():
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
-
-
-def per_example_gradients(model: torch.nn.Module, params: list[torch.Tensor], forward,
-                          example_losses) -> Iterator[list[torch.Tensor]]:
-    """The gradient of each example's loss, one at a time: one forward of the sub-batch (``forward()`` returns the
-    model's outputs; BatchNorm normalises over the sub-batch, as in training, and its buffers are put back), then
-    ``example_losses(outputs)`` and one ``torch.autograd.grad`` per loss (no ``.grad`` written, no collective)."""
-    buffers = list(model.buffers())
-    saved = [b.detach().clone() for b in buffers]
-    try:  # the buffers go back after the last backward (BatchNorm's backward still reads them)
-        losses = example_losses(forward())
-        for i, loss in enumerate(losses):
-            grads = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1, allow_unused=True)
-            yield [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-    finally:
-        with torch.no_grad():
-            for buffer, value in zip(buffers, saved):
-                buffer.copy_(value)
-
-
-def all_ranks_max(value: int) -> int:
-    """The largest ``value`` over ranks: one decision for all even if float sums differ in the last bit."""
-    tensor = torch.tensor([value], dtype=torch.float64,
-                          device=torch.device("cuda", torch.cuda.current_device())
-                          if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl" else None)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
-
-
 # ---------------------------------------------------------------- configuration
 @dataclass
 class AdaptiveBatchConfig:
@@ -179,9 +135,10 @@ class AdaptiveBatchConfig:
 
 
 # ---------------------------------------------------------------- the algorithm
-class AdaptiveBatch(GradientStatistics):
-    """The adaptive-batch state and decisions. ``LargeBatchTrainer`` draws ``micro_batches_for_next_step()``
-    micro-batches per optimizer step and reports them with ``consumed``; the rest happens in events.
+class AdaptiveBatch(SmoothedNoiseScale):
+    """The adaptive-batch state and decisions, all through events: it owns how many micro-batches each step draws
+    (``micro_batches_for_step``), the schedule's clock (samples) and, on resume, the sampler's position; it consumes
+    the trainer's gradient statistics (and per-example gradients for the inner-product tests).
 
     Checkpointed: accumulation, samples and micro-batches seen, the epoch position, the smoothed statistics and
     the history ``(samples seen, global batch chosen for the following steps, requested batch)`` of every test
@@ -219,7 +176,36 @@ class AdaptiveBatch(GradientStatistics):
         self._step_micro_batches = 0
         self._device = None
 
-    # -- set-up (trainer)
+    # -- set-up
+    @property
+    def needs_example_gradients(self) -> bool:
+        return self.test in EXAMPLE_TESTS
+
+    def on_setup(self, args, state, control, *, run, **kwargs):
+        """Take the accumulation over: HF's loop runs with 1 (one step's micro-batches per loop step) and
+        ``max_steps`` counts micro-batches, the budget (``max_steps`` or ``num_train_epochs`` at the initial
+        batch); both go back after ``train()``."""
+        accumulation = args.gradient_accumulation_steps
+        if args.max_steps > 0:
+            budget = args.max_steps * accumulation
+        else:
+            budget = math.ceil(args.num_train_epochs * run.train_micro_batches())
+        self.start(accumulation, args.per_device_train_batch_size, args.world_size, budget)
+        run.override("gradient_accumulation_steps", 1)
+        if args.max_steps > 0:
+            run.override("max_steps", budget)
+
+    def schedule_clock(self, num_training_steps: int) -> Clock:
+        """The schedule counts samples, in steps of the initial batch."""
+        return Clock(lambda: self.schedule_step, "adaptive_batch needs a schedule of samples",
+                     length=math.ceil(self.budget_micro_batches / self.initial_accumulation))
+
+    def resume_position(self, steps_per_epoch: int) -> tuple[int, int]:
+        """HF counts the position in steps x a fixed accumulation; ours is the sampler position itself."""
+        if self.position >= steps_per_epoch:  # saved at the very end of an epoch
+            return self.epoch + 1, 0
+        return self.epoch, self.position
+
     def start(self, accumulation: int, micro_batch_size: int, world_size: int, budget_micro_batches: int) -> None:
         """A fresh run (a resumed one keeps its restored state, but takes the new budget)."""
         examples = micro_batch_size * world_size
@@ -247,13 +233,14 @@ class AdaptiveBatch(GradientStatistics):
         """Where the LR schedule is: samples seen, in steps of the initial batch."""
         return self.micro_batches_seen // self.initial_accumulation
 
-    def begin_epoch(self, epoch: int, steps_in_epoch: int, position: int) -> None:
+    def on_epoch_position(self, args, state, control, *, epoch: int, steps_in_epoch: int, position: int,
+                          **kwargs):
         self.epoch, self._steps_in_epoch, self.position = epoch, max(steps_in_epoch, 1), position
 
-    def micro_batches_for_next_step(self) -> int:
+    def micro_batches_for_step(self) -> int:
         return max(min(self.accumulation, self.budget_micro_batches - self.micro_batches_seen), 0)
 
-    def consumed(self, micro_batches: int, examples: int) -> None:
+    def on_micro_batches_drawn(self, args, state, control, *, micro_batches: int, examples: int, **kwargs):
         """This rank drew ``micro_batches`` holding ``examples`` examples for the step about to run."""
         self.position += micro_batches
         self._step_micro_batches = micro_batches
@@ -281,7 +268,7 @@ class AdaptiveBatch(GradientStatistics):
                              ">= 2 micro-batch gradients: set gradient_accumulation_steps >= 2")
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._world_size = args.world_size
+        # (not SmoothedNoiseScale's: the arguments' accumulation is ours by now, the smoothing is the config's)
         base = self._base_batch_size or getattr(args, "base_batch_size", None)
         self.base_batch_size = base or self.initial_batch_size
 
@@ -291,39 +278,17 @@ class AdaptiveBatch(GradientStatistics):
             return (global_step + 1) % self.local_sgd_steps == 0
         return (global_step + 1) % self.config.test_interval == 0
 
-    def on_reduced_gradients(self, args, state, control, *, grad_sq_norm, num_micro_batches, num_examples=None,
-                             example_gradients=None, **kwargs):
+    def on_reduced_gradients(self, args, state, control, *, grad_sq_norm, statistics, example_gradients=None,
+                             **kwargs):
         self._device = grad_sq_norm.device  # where collectives run (a CUDA tensor under NCCL)
-        if not self.local_sgd_steps:  # DDP: micro-batch norms of all ranks against the reduced gradient
-            super().on_reduced_gradients(args, state, control, grad_sq_norm=grad_sq_norm,
-                                         num_micro_batches=num_micro_batches, num_examples=num_examples)
-        elif self.is_test_step(state.global_step):
-            self._local_statistics(float(grad_sq_norm), num_micro_batches, num_examples)
-        else:
-            self._micro_norms, self._local_sq = [], None
-        if not self.is_test_step(state.global_step):
+        test_step = self.is_test_step(state.global_step)
+        if test_step or not self.local_sgd_steps:  # local SGD: the workers' statistics at synchronisation rounds
+            self.add(statistics)
+        if not test_step:
             return
         if self.test in EXAMPLE_TESTS:
             self._example_statistics(example_gradients, float(grad_sq_norm))
         self._decide()
-
-    def _local_statistics(self, grad_sq: float, num_micro_batches: int, num_examples: int | None) -> None:
-        """Local SGD: each worker's own unbiased estimates (its micro-batches against its own gradient, weighted by
-        their shares of it), averaged over workers with one scalar all-reduce."""
-        weighted_sq, weights = self._take_local_sums(self._device).tolist()
-        n = num_micro_batches
-        # the worker's own gradient is sum_i weight_i g_i: its shares are the loss weights (world_size x ours)
-        local_mean = weighted_sq / weights if weights > 0 else math.nan
-        estimates = unbiased_estimates(local_mean, grad_sq, n) if n >= 2 else (math.nan, math.nan)
-        packed = backends.all_reduce_sum(torch.tensor([*estimates, 1.0], dtype=torch.float64, device=self._device))
-        grad_sqr, micro_var, workers = packed.tolist()
-        if not (math.isfinite(grad_sqr) and math.isfinite(micro_var)):
-            self.skipped_steps += 1
-            return
-        grad_sqr, micro_var = grad_sqr / workers, micro_var / workers
-        examples = num_examples if num_examples is not None else n * self.micro_batch_size
-        self.grad_sqr.update(grad_sqr)
-        self.grad_var.update(max(micro_var * examples / n / self.base_batch_size, VAR_FLOOR))
 
     def _example_statistics(self, example_gradients, grad_sq: float) -> None:
         if example_gradients is None:
@@ -332,10 +297,16 @@ class AdaptiveBatch(GradientStatistics):
         dot_sum = dot_sq_sum = sq_norm_sum = 0.0
         count = 0
         reduced, gradients = example_gradients(self.config.test_examples)
-        for grads in gradients:
-            dot = float(sum(torch.vdot(g.reshape(-1).float(), r.reshape(-1).float()) for g, r in zip(grads, reduced)))
-            sq = float(sum(torch.linalg.vector_norm(g, dtype=torch.float32).square() for g in grads))
-            dot_sum, dot_sq_sum, sq_norm_sum, count = dot_sum + dot, dot_sq_sum + dot * dot, sq_norm_sum + sq, count + 1
+        try:
+            for grads in gradients:  # one example's gradient at a time
+                dot = float(sum(torch.vdot(g.reshape(-1).float(), r.reshape(-1).float())
+                                for g, r in zip(grads, reduced)))
+                sq = float(sum(torch.linalg.vector_norm(g, dtype=torch.float32).square() for g in grads))
+                dot_sum, dot_sq_sum, sq_norm_sum, count = (dot_sum + dot, dot_sq_sum + dot * dot, sq_norm_sum + sq,
+                                                           count + 1)
+        except ValueError as error:  # the model's outputs have no per-example loss
+            raise ValueError(f"adaptive_batch={self.test!r}: {error} (use adaptive_batch='norm', which needs no "
+                             "per-example gradients)") from error
         packed = backends.all_reduce_sum(torch.tensor([dot_sum, dot_sq_sum, sq_norm_sum, count, grad_sq, 1.0],
                                                       dtype=torch.float64, device=self._device))
         dot_sum, dot_sq_sum, sq_norm_sum, count, grad_sq, workers = packed.tolist()
@@ -367,7 +338,7 @@ class AdaptiveBatch(GradientStatistics):
         examples = self.micro_batch_size * self.world_size
         wanted = grown_accumulation(self.requested_batch, self.accumulation, examples, self.max_accumulation,
                                     self.config.max_growth)
-        self._pending = all_ranks_max(wanted)
+        self._pending = backends.all_ranks_max(wanted)
         self.history.append((self.samples_seen, self._pending * examples, self.requested_batch))
 
     # -- step end: the new batch from the next step on, the epoch and the budget in samples
@@ -392,7 +363,7 @@ class AdaptiveBatch(GradientStatistics):
                 / peak_lr_multiplier(self.lr_scaling, self.initial_batch_size / base))
 
     def log_metrics(self) -> dict[str, float]:
-        logs = {**super().log_metrics(), "batch_size": self.batch_size, "samples": self.samples_seen,
+        logs = {**super().log_metrics(), "scale": self.batch_size / self.base_batch_size, "batch_size": self.batch_size, "samples": self.samples_seen,
                 "requested_batch": self.requested_batch}
         if self.test in EXAMPLE_TESTS and self.bar_sqr.count:
             logs.update(inner_product_var=self.inner_var.value, orthogonal_var=self.orth_var.value)
@@ -416,78 +387,3 @@ class AdaptiveBatch(GradientStatistics):
             setattr(self, name, int(state[name]))
         self.requested_batch = float(state["requested_batch"])
         self.history = [(int(s), int(b), float(r)) for s, b, r in state["history"].tolist()]
-
-
-class LocalSGD(Algorithm):
-    """Local SGD: H optimizer steps on each rank's own gradients, then the parameters and floating-point buffers
-    are averaged over ranks (``LargeBatchTrainer`` runs every backward under DDP's ``no_sync``).
-
-    The optimizer state (momentum) stays local, as in local SGD; it is saved per rank with this algorithm's state
-    and restored on resume (HF's checkpoint holds rank 0's only). Checkpoints must fall on synchronisation rounds,
-    where every rank holds the same weights (checked at ``train()``); the end of training synchronises before its
-    final save and evaluation, wherever it falls."""
-
-    name = "local_sgd"
-    excludes = {other: "both change what one optimizer step is; use lr_scaling none | linear | sqrt | legw with it"
-                for other in ("autowu", "conadv", "extrapolation")}
-
-    def __init__(self, steps: int):
-        if steps < 1:
-            raise ValueError(f"local_sgd_steps must be >= 1, got {steps}")
-        self.steps = steps
-        self.option = f"local_sgd_steps={steps}"
-        self._synced_step = -1
-        self.syncs = 0
-        self._optimizer = None
-        self._loaded_optimizer_state = None
-
-    def check(self, plan) -> None:
-        """Refuses DeepSpeed, and checkpoints or evaluations between synchronisation rounds."""
-        if plan.backend == "deepspeed":
-            raise ValueError(f"{self.option} is not supported under DeepSpeed: the engine fixes its gradient "
-                             "reduction at initialisation. Use DDP (accelerate launch / torchrun)")
-        for kind in ("save", "eval"):
-            strategy = getattr(plan.args, f"{kind}_strategy")
-            strategy, every = option_name(strategy), getattr(plan.args, f"{kind}_steps")
-            if strategy == "no" or (strategy == "steps" and every and float(every).is_integer()
-                                    and every % self.steps == 0):
-                continue
-            raise ValueError(f"{self.option}: the ranks hold the same weights only every {self.steps} steps, so "
-                             f"{kind}_strategy must be 'no' or 'steps' with {kind}_steps a multiple of {self.steps} "
-                             f"(got {kind}_strategy={strategy!r}, {kind}_steps={every})")
-
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        self._optimizer = optimizer
-        if self._loaded_optimizer_state is not None and optimizer is not None:
-            optimizer.load_state_dict(self._loaded_optimizer_state)
-            self._loaded_optimizer_state = None
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        # every H steps, and at a save / evaluation / stop that falls between rounds (the end of training): a
-        # checkpoint must never hold one rank's unsynchronised weights
-        if (state.global_step % self.steps == 0 or control.should_save or control.should_evaluate
-                or control.should_training_stop or state.global_step >= state.max_steps):
-            self.synchronize(model, state.global_step)
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self._synced_step != state.global_step:  # leave every rank with the same final model
-            self.synchronize(model, state.global_step)
-
-    def synchronize(self, model, step: int) -> None:
-        tensors = [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
-        average_across_ranks_(tensors)
-        self.syncs += 1
-        self._synced_step = step
-
-    def log_metrics(self) -> dict[str, float]:
-        return {"local_sgd_syncs": self.syncs}
-
-    def state_dict(self) -> dict:
-        state = {"syncs": self.syncs}
-        if self._optimizer is not None:
-            state["optimizer"] = self._optimizer.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.syncs = int(state["syncs"])
-        self._loaded_optimizer_state = state.get("optimizer")

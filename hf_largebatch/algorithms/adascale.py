@@ -61,10 +61,11 @@ import math
 import torch
 
 from ..optim import lars_lamb_adamp
-from ..core.events import final_save_and_evaluation
+from ..core.events import Clock, final_save_and_evaluation
 from ..core.option_strings import option_name
 from ..core.lr_scaling import steps_per_epoch
-from ..core.statistics import GradientStatistics
+from ..core.backends import innermost_optimizer
+from ..core.statistics import SmoothedNoiseScale, require_two_micro_batches
 
 #: optimiser classes AdaScale knows, and how each preconditions: None (plain SGD-type update), "eps_after"
 #: (``sqrt(v / (1 - beta2^t)) + eps``: torch's Adam/AdamW, our LAMB) or "eps_before" (``(sqrt(v) + eps) /
@@ -112,14 +113,6 @@ def row_history(history: torch.Tensor, grad: torch.Tensor, beta2: float) -> torc
     return torch.stack([coverage.mul(beta2).add_(touched, alpha=1 - beta2), touches + touched])
 
 
-def innermost_optimizer(optimizer):
-    """The user's optimizer inside Accelerate's / DeepSpeed's wrappers."""
-    inner = optimizer  # DeepSpeed's ZeRO optimizer is no torch Optimizer, but holds the client one too
-    while hasattr(getattr(inner, "optimizer", None), "param_groups"):
-        inner = inner.optimizer
-    return inner
-
-
 def optimizer_class_kind(optimizer_cls: type | None) -> str | None:
     """None for an SGD-type optimizer class, the preconditioner's form for an Adam-type one; refuses any other."""
     for cls in getattr(optimizer_cls, "__mro__", ()):
@@ -142,8 +135,48 @@ def optimizer_kind(optimizer) -> str | None:
     return kind
 
 
-class AdaScale(GradientStatistics):
-    """AdaScale / AdamScale as an algorithm. Added by ``LargeBatchTrainer`` when ``lr_scaling="adascale"``."""
+class PreconditionedGradients:
+    """AdamScale's ``Measurement`` (``core.statistics``): ``L`` and ``T`` of the gradients divided by the
+    previous step's ``P`` (``AdaScale._preconditioner``). ``P`` is known only at the reduced gradients, so each
+    micro-batch adds its squared gradient per element (one fp32 buffer per parameter during the step) and the
+    division happens once per step."""
+
+    def __init__(self, adascale: AdaScale):
+        self._adascale = adascale
+        self._sq_sums: dict = {}  # per parameter, sum_i w_i (g_i / weight_i)^2 of this step
+        self._local_sq = None  # [0, sum_i w_i] of this step
+        self._micro_batch_open = False
+
+    def begin_step(self) -> None:
+        self._sq_sums, self._local_sq, self._micro_batch_open = {}, None, False
+
+    def add_local(self, param, grad: torch.Tensor, weight: float, share: float) -> None:
+        self._micro_batch_open = True
+        g = grad.float()
+        buffer = self._sq_sums.get(param)
+        if buffer is None:
+            self._sq_sums[param] = g.square().mul_(share / (weight * weight))
+        else:
+            buffer.addcmul_(g, g, value=share / (weight * weight))
+
+    def end_micro_batch(self, weight: float, share: float) -> None:
+        if self._micro_batch_open:  # the weights' sum: the micro-batch's share of the reduced gradient
+            self._micro_batch_open = False
+            step = torch.as_tensor([0.0, share])
+            self._local_sq = step if self._local_sq is None else self._local_sq + step
+
+    def take(self, model, grad_sq_norm: torch.Tensor, loss_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        local, reduced = self._adascale.preconditioned_sums(model, self._sq_sums, loss_scale)
+        self._sq_sums = {}
+        weights = self._local_sq[1] if self._local_sq is not None else torch.zeros(())
+        self._local_sq = None
+        return torch.stack([local, weights.to(local.device)]).to(grad_sq_norm.device).float(), reduced
+
+
+class AdaScale(SmoothedNoiseScale):
+    """AdaScale / AdamScale as an algorithm: a consumer of the trainer's gradient statistics (with AdamScale, it
+    provides their measurement), the LR gain (``lr_factor``) and the schedule's clock (progress). Built from
+    ``lr_scaling="adascale"``."""
 
     name = "adascale"
     option = "lr_scaling='adascale'"
@@ -161,14 +194,13 @@ class AdaScale(GradientStatistics):
         self._optimizer = None
         self._base_steps_per_epoch = 1.0
         self._previous = 0.0
-        self._sq_sums: dict = {}  # AdamScale: per parameter, sum_i w_i (g_i / weight_i)^2 of this step
         self._rows: dict = {}  # AdamScale: per parameter, its rows' [coverage, touches] (row_history)
         self._pending_rows: dict = {}  # this step's, committed when its update runs
         self._restored_rows: list | None = None  # from a checkpoint, in parameter order, until train begins
 
     # -- setup
     def check(self, plan) -> None:
-        super().check(plan)
+        require_two_micro_batches(plan, type(self).__name__)
         if plan.lr_scaling != "adascale":
             raise ValueError("an AdaScale callback needs lr_scaling='adascale' (it owns the LR gain and progress); "
                              f"got lr_scaling={plan.lr_scaling!r}")
@@ -183,13 +215,22 @@ class AdaScale(GradientStatistics):
                              f"{plan.global_batch_size} is smaller than base_batch_size={plan.base_batch_size} "
                              f"(S = {plan.scale:g} < 1): set base_batch_size <= the global batch")
 
+    def on_setup(self, args, state, control, *, run, **kwargs):
+        # The budget is the base run's: T_base optimizer steps at B0 (an upper bound, since the gain r >= 1).
+        if args.max_steps <= 0:
+            args.max_steps = math.ceil(args.num_train_epochs * run.steps_per_epoch() * run.scale)
+
+    def schedule_clock(self, num_training_steps: int) -> Clock:
+        """The schedule runs on progress tau (base-batch steps), not on optimizer steps."""
+        return Clock(lambda: int(self.progress), "lr_scaling='adascale' needs a schedule of progress")
+
     def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
         self._optimizer = innermost_optimizer(optimizer)
         self._kind = optimizer_kind(optimizer)
         self.adam = self._kind is not None
         self._groups = {p: g for g in self._optimizer.param_groups for p in g["params"]}  # (beta2, eps) by parameter
-        self._sq_sums, self._pending_rows = {}, {}
+        self._pending_rows = {}
         if self._restored_rows is not None:
             self._rows = {p: h for p, h in zip(self._groups, self._restored_rows) if h.numel()}
             self._restored_rows = None
@@ -197,27 +238,9 @@ class AdaScale(GradientStatistics):
         ga = args.gradient_accumulation_steps
         self._base_steps_per_epoch = steps_per_epoch(micro, ga) * self.scale
 
-    # -- AdamScale: statistics of gradients preconditioned by this step's P_t
-    def on_local_gradient(self, args, state, control, *, param, grad, weight, **kwargs):
-        if not self.adam:
-            super().on_local_gradient(args, state, control, grad=grad, weight=weight)
-            return
-        self._micro_weight = weight
-        share = weight / self._world_size
-        g = grad.float()
-        buffer = self._sq_sums.get(param)
-        if buffer is None:
-            self._sq_sums[param] = g.square().mul_(share / (weight * weight))
-        else:
-            buffer.addcmul_(g, g, value=share / (weight * weight))
-
-    def on_micro_batch_end(self, args, state, control, **kwargs):
-        if self.adam:  # the weights' sum: the micro-batch's share of the reduced gradient
-            share = torch.as_tensor([0.0, self._micro_weight / self._world_size])
-            self._local_sq = share if self._local_sq is None else self._local_sq + share
-        else:
-            super().on_micro_batch_end(args, state, control, **kwargs)
-
+    # -- AdamScale: statistics of gradients preconditioned by the previous step's P
+    def gradient_measurement(self) -> PreconditionedGradients | None:
+        return PreconditionedGradients(self) if self.adam else None
     def _preconditioner(self, param, reduced: torch.Tensor) -> torch.Tensor | None:
         """The statistics' ``P`` for ``param``: the preconditioner Adam applied in the *previous* step, its bias
         correction counted per row (``row_history``); ``inf`` on rows whose second moment rests on fewer than
@@ -249,14 +272,15 @@ class AdaScale(GradientStatistics):
         too_short = touches < MIN_SECOND_MOMENT_SAMPLES
         return precond.masked_fill_(too_short.expand_as(precond), math.inf)
 
-    def _preconditioned_sums(self, model, loss_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this rank's ``sum_i w_i ||g_i / P||^2``, ``||g_bar / P||^2``); both nan while no row has enough
-        second-moment history (the first ``MIN_SECOND_MOMENT_SAMPLES`` steps: no estimate, the gain stays 1)."""
+    def preconditioned_sums(self, model, sq_sums: dict, loss_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's ``sum_i w_i ||g_i / P||^2`` from ``sq_sums``, per parameter ``sum_i w_i g_i^2``, and
+        ``||g_bar / P||^2``); both nan while no row has enough second-moment history (the first
+        ``MIN_SECOND_MOMENT_SAMPLES`` steps: no estimate, the gain stays 1)."""
         local, reduced, measured = [], [], []
         for p in model.parameters():
             if p.grad is None:
                 continue
-            sq_sum = self._sq_sums.get(p)
+            sq_sum = sq_sums.get(p)
             denom = self._preconditioner(p, p.grad / loss_scale)
             if denom is None:
                 continue
@@ -264,7 +288,6 @@ class AdaScale(GradientStatistics):
             reduced.append((p.grad.float() / loss_scale / denom).square().sum())
             if sq_sum is not None:
                 local.append(sq_sum.div_(denom.square()).sum())
-        self._sq_sums = {}
         if not reduced:
             nan = torch.tensor(math.nan)
             return nan, nan
@@ -273,14 +296,8 @@ class AdaScale(GradientStatistics):
         local_sum = torch.stack(local).sum() if local else torch.zeros((), device=any_row.device)
         return torch.where(any_row, local_sum, nan), torch.where(any_row, torch.stack(reduced).sum(), nan)
 
-    def on_reduced_gradients(self, args, state, control, *, model, grad_sq_norm, num_micro_batches,
-                             loss_scale=1.0, **kwargs):
-        if self.adam:  # L and T on the same preconditioned gradients
-            local, grad_sq_norm = self._preconditioned_sums(model, loss_scale)
-            weights = self._local_sq[1] if self._local_sq is not None else torch.zeros(())
-            self._local_sq = torch.stack([local, weights.to(local.device)]).to(grad_sq_norm.device)
-        super().on_reduced_gradients(args, state, control, grad_sq_norm=grad_sq_norm,
-                                     num_micro_batches=num_micro_batches, **kwargs)
+    def on_reduced_gradients(self, args, state, control, *, statistics, **kwargs):
+        self.add(statistics)
         if self.grad_sqr.count:  # the golden test: orthogonal gradients (||G||^2 estimate 0) give r = S
             self.gain = adascale_gain(self.grad_var.value, self.grad_sqr.value, self.step_scale)
 
@@ -290,8 +307,6 @@ class AdaScale(GradientStatistics):
 
     # -- progress, stopping and cadence on tau
     def on_step_begin(self, args, state, control, **kwargs):
-        super().on_step_begin(args, state, control, **kwargs)
-        self._sq_sums = {}  # (as the local sums: nothing of a step whose update never ran)
         self._previous = self.progress
 
     def on_lr_applied(self, args, state, control, *, learning_rate, **kwargs):

@@ -222,8 +222,8 @@ class AutoWUController:
 
 
 class AutoWU(Algorithm):
-    """AutoWU as an algorithm. Added by ``LargeBatchTrainer`` when ``lr_schedule="autowu"``; its LR reaches the
-    optimizer through the ``LambdaLR`` that the trainer builds on ``controller.lr``."""
+    """AutoWU as an algorithm (built from ``lr_schedule="autowu"``): it owns the schedule's shape (``lr_lambda``:
+    the trainer's ``LambdaLR`` runs on ``controller.lr``) and votes on the step losses (``on_step_loss``)."""
 
     name = "autowu"
     option = "lr_schedule='autowu'"
@@ -245,13 +245,14 @@ class AutoWU(Algorithm):
         self.controller: AutoWUController | None = None
         self._pending_state: dict | None = None
 
-    def build(self, max_lr: float, total_steps: int, steps_per_epoch: int) -> AutoWUController:
-        """Called by the trainer when it creates the scheduler (it knows the run's length there)."""
-        self.controller = AutoWUController(self.config, max_lr, total_steps, steps_per_epoch)
+    def lr_lambda(self, max_lr: float, num_training_steps: int, steps_per_epoch: int):
+        """Asked when the scheduler is created (the run's length is known there); the groups' base LR is
+        ``max_lr``."""
+        self.controller = AutoWUController(self.config, max_lr, num_training_steps, steps_per_epoch)
         if self._pending_state is not None:
             self.controller.load_state_dict(self._pending_state)
             self._pending_state = None
-        return self.controller
+        return self.multiplier
 
     def multiplier(self, step: int) -> float:
         """``LambdaLR`` factor of step ``step``: the groups' base LR is ``max_lr``."""

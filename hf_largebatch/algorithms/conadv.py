@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..core import backends
 from ..core import loss as loss_rules
-from ..core.events import Algorithm
+from ..core.events import Algorithm, MicroBatch
 from ..core.option_strings import parse_key_values
 
 ADVERSARIAL_MODES = ("none", "conadv", "sequential")
@@ -194,10 +194,6 @@ def embedding_perturbation(model, input_ids: torch.Tensor, delta: torch.Tensor):
                            "adversarial perturbation was not applied")
 
 
-def model_logits(outputs) -> torch.Tensor:
-    return outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-
-
 def perturbation(model, inputs: dict, config: ConAdvConfig, generator: torch.Generator,
                  shift_labels: bool) -> tuple[str, torch.Tensor, torch.Tensor]:
     """(perturbed input name, delta, attack loss at the start point) of one attack on ``model`` (used as it is:
@@ -220,9 +216,9 @@ def perturbation(model, inputs: dict, config: ConAdvConfig, generator: torch.Gen
     def loss_of(x_start):
         if key == "input_ids":
             with embedding_perturbation(model, inputs["input_ids"], x_start - x):
-                logits = model_logits(model(**inputs))
+                logits = loss_rules.logits_of(model(**inputs))
         else:
-            logits = model_logits(model(**{**inputs, key: x_start}))
+            logits = loss_rules.logits_of(model(**{**inputs, key: x_start}))
         if targets[0] is None:
             targets[0] = (random_wrong_labels(labels, logits.shape[-1], generator) if config.targeted else labels)
         start_loss.append(attack_loss(logits, targets[0], shift_labels))
@@ -272,7 +268,7 @@ def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------- Trainer glue
 class ConAdv(Algorithm):
     """Adversarial training with a one-step attack on stale (``mode="conadv"``) or current (``"sequential"``)
-    weights; ``LargeBatchTrainer`` asks it for the training batch of every micro-batch (``training_batch``).
+    weights; it replaces every training micro-batch by ``[clean; adversarial]`` (``transform_micro_batch``).
 
     Add it through ``LargeBatchArguments(adversarial="conadv", adversarial_args="epsilon=...")`` or pass
     ``ConAdv(ConAdvConfig(...))`` in ``callbacks`` (then ``adversarial`` is 'none' or the same mode).
@@ -305,13 +301,15 @@ class ConAdv(Algorithm):
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
 
-    def training_batch(self, model, inputs: dict, *, seed: int, last_micro_batch: bool,
-                       shift_labels: bool) -> tuple[dict, contextlib.AbstractContextManager]:
-        """The ``[clean; adversarial]`` batch for this micro-batch and the context to run the model's forward in.
+    def transform_micro_batch(self, args, state, control, *, step, model, inputs: dict) -> MicroBatch:
+        """The ``[clean; adversarial]`` batch for this micro-batch and the context to run the model's forward in
+        (the loss then averages the two halves: ``copies=2``).
 
-        ``model`` is the unwrapped trained model; call it inside the training forward's autocast context. In conadv mode the attack copy holds the previous step's weights;
-        it is refreshed with the current ones after the step's last attack, before the update changes them (under
-        DeepSpeed the update happens inside the last micro-batch's backward)."""
+        ``model`` is the unwrapped trained model; the trainer calls this inside the training forward's autocast
+        context. In conadv mode the attack copy holds the previous step's weights; it is refreshed with the current
+        ones after the step's last attack, before the update changes them (under DeepSpeed the update happens inside
+        the last micro-batch's backward)."""
+        seed = micro_batch_seed(args.seed, state.global_step, step.micro_step, args.process_index)
         if self.attack_model is None:
             self.attack_model = attack_copy(model)
             if self._pending_state is not None:
@@ -320,16 +318,16 @@ class ConAdv(Algorithm):
         if self.mode == "sequential":
             copy_weights(model, self.attack_model)
         generator = torch.Generator(device=_device_of(inputs)).manual_seed(seed)
-        key, delta, loss = perturbation(self.attack_model, inputs, self.config, generator, shift_labels)
-        if self.mode == "conadv" and last_micro_batch:
+        key, delta, loss = perturbation(self.attack_model, inputs, self.config, generator, step.shifts_labels)
+        if self.mode == "conadv" and step.last_micro_batch:
             copy_weights(model, self.attack_model)
         self._loss_sum = loss + self._loss_sum
         self._loss_count += 1
         batch = concatenated_batch(inputs, key, delta)
         if key != "input_ids":
-            return batch, contextlib.nullcontext()
+            return MicroBatch(batch, contextlib.nullcontext(), copies=2)
         zeros = torch.zeros_like(delta)
-        return batch, embedding_perturbation(model, batch["input_ids"], torch.cat([zeros, delta]))
+        return MicroBatch(batch, embedding_perturbation(model, batch["input_ids"], torch.cat([zeros, delta])), copies=2)
 
     def log_metrics(self) -> dict[str, float]:
         """``adversarial_attack_loss``: the attack model's loss at the attack's start points (mean since the last
@@ -377,7 +375,7 @@ def evaluate_under_attack(trainer, dataset, config: ConAdvConfig, metric_key_pre
             perturbing = (embedding_perturbation(model, batch["input_ids"], delta) if key == "input_ids"
                           else contextlib.nullcontext())
             with torch.no_grad(), perturbing:
-                logits = model_logits(model(**perturbed)).float()
+                logits = loss_rules.logits_of(model(**perturbed)).float()
             labels = batch["labels"]
             token_level = loss_rules.is_token_level(labels)
             if token_level:

@@ -47,29 +47,15 @@ def restore_(tensors: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
     torch._foreach_copy_([t.detach() for t in tensors], saved)
 
 
-def local_gradient(model: torch.nn.Module, params: list[torch.Tensor], loss_of) -> list[torch.Tensor]:
-    """Gradient of ``loss_of()`` (a forward of ``model``, the *unwrapped* module) with respect to ``params``, by
-    ``torch.autograd.grad``: no ``.grad`` is written and no DDP/DeepSpeed gradient hook fires, so no collective
-    runs; the module's buffers (BatchNorm running statistics) are put back as they were."""
-    buffers = list(model.buffers())
-    saved = [b.detach().clone() for b in buffers]
-    try:
-        grads = torch.autograd.grad(loss_of(), params, allow_unused=True)
-    finally:
-        if buffers:
-            restore_(buffers, saved)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-
-
 def noise_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank, 7]).generate_state(1)[0])
 
 
 class Extrapolation(Algorithm):
     """The state of EXTRAP-SGD between the two points of a step (x saved while the model sits at x~) and across
-    steps (the ``past`` direction, checkpointed). ``LargeBatchTrainer`` drives it: ``begin`` before the step's first
-    micro-batch, ``finish`` inside ``optimizer.step`` before the update (or at ``on_step_end`` if the update was
-    skipped, e.g. an fp16 overflow)."""
+    steps (the ``past`` direction, checkpointed): ``begin`` at the step's start (``on_train_step_begin``, before
+    its first micro-batch), ``finish`` inside ``optimizer.step`` before the update (``on_before_update``; or at
+    ``on_step_end`` if the update was skipped, e.g. an fp16 overflow)."""
 
     name = "extrapolation"
     excludes = {"conadv": "the adversarial attack would copy the extrapolated weights x~ as its 'previous step' "
@@ -98,6 +84,14 @@ class Extrapolation(Algorithm):
         self._saved: list[torch.Tensor] | None = None
         self._params: list[torch.Tensor] = []
         self._distance = 0.0
+
+    def on_train_step_begin(self, args, state, control, *, model, local_gradient, scheduled_lr: float, **kwargs):
+        params = [p for p in model.parameters() if p.requires_grad]
+        seed = noise_seed(args.seed, state.global_step, args.process_index)
+        self.begin(params, scheduled_lr, self.direction(params, lambda: local_gradient(params), seed))
+
+    def on_before_update(self, args, state, control, **kwargs):
+        self.finish()
 
     def begin(self, params: list[torch.Tensor], lr: float, direction: list[torch.Tensor] | None) -> None:
         """Move ``params`` to x~ (no-op when ``direction`` is None, e.g. ``past`` on the first step)."""

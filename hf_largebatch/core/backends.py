@@ -130,21 +130,63 @@ def prepare_cpu_deepspeed(accelerator_config: Any) -> Any:
     return accelerator_config
 
 
+def is_distributed() -> bool:
+    """More than one rank in an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def collective_device() -> torch.device | None:
+    """Where a small tensor must live for a collective: the current CUDA device under NCCL, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (in place); identity in a single process."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
+def all_ranks_max(value: int) -> int:
+    """The largest ``value`` over ranks: one decision for all even if float sums differ in the last bit."""
+    tensor = torch.tensor([value], dtype=torch.float64, device=collective_device())
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def average_across_ranks_(tensors: list[torch.Tensor]) -> None:
+    """In place: each tensor becomes its mean over ranks (one all-reduce of a flat buffer; identity alone)."""
+    if not tensors or not is_distributed():
+        return
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
 def broadcast_floats(values: list[float], src: int = 0) -> list[float]:
     """Rank ``src``'s values on every rank (a decision taken on one rank); identity in a single process."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_distributed():
         return list(values)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.broadcast(tensor, src=src)
     return tensor.tolist()
+
+
+def innermost_optimizer(optimizer):
+    """The user's optimizer inside Accelerate's / DeepSpeed's wrappers."""
+    inner = optimizer  # DeepSpeed's ZeRO optimizer is no torch Optimizer, but holds the client one too
+    while hasattr(getattr(inner, "optimizer", None), "param_groups"):
+        inner = inner.optimizer
+    return inner
+
 
 
 def run_recipe(main, *args) -> None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
+from .events import OWNED_EVENTS
+
 
 @dataclass(frozen=True)
 class RunPlan:
@@ -54,7 +56,9 @@ def describe(algorithm) -> str:
 
 def check_composition(algorithms, plan: RunPlan) -> None:
     """Raise ``ValueError`` for the first algorithm the run cannot host or the first pair that cannot run together
-    (in the order of their names, so the message does not depend on the order they were added in)."""
+    (in the order of their names, so the message does not depend on the order they were added in): a pair one of
+    which ``excludes`` the other, or two algorithms answering the same owned event (``events.OWNED_EVENTS``: the
+    schedule's clock, the micro-batches of a step, ...), which only one may decide."""
     algorithms = sorted(algorithms, key=lambda algorithm: algorithm.name)
     for algorithm in algorithms:
         algorithm.check(plan)
@@ -62,3 +66,8 @@ def check_composition(algorithms, plan: RunPlan) -> None:
         reason = a.excludes.get(b.name) or b.excludes.get(a.name)
         if reason:
             raise ValueError(f"{describe(a)} cannot be combined with {describe(b)}: {reason}. Remove one of them")
+    for event in OWNED_EVENTS:
+        owners = [algorithm for algorithm in algorithms if algorithm.overrides(event)]
+        if len(owners) > 1:
+            raise ValueError(f"{describe(owners[0])} and {describe(owners[1])} both decide {event}, which one "
+                             "algorithm of a run may decide. Remove one of them")

@@ -1,44 +1,75 @@
 """``Algorithm``: a ``TrainerCallback`` with the events large-batch methods need and HF callbacks lack.
 
-``LargeBatchTrainer`` fires, for every algorithm among its callbacks, in this order within one optimizer step
-(single process and DDP; tested in ``tests/test_events.py``)::
+An algorithm plugs into ``LargeBatchTrainer`` only through these events; the trainer knows none by name. Where each
+fires in ``train()`` (``(HF)``: HF's own callback events, in their usual place; ``[query]``: the trainer asks and
+uses the answer; ``[owner]``: at most one algorithm may answer, refused at ``train()`` otherwise)::
 
-    on_step_begin                                   (HF)
-      per micro-batch k = 0..n-1:
-        on_local_gradient(name, param, grad, weight)   once per parameter, during backward: the *local,
-                                                       unreduced* micro-batch gradient (a tensor hook);
-                                                       ``grad / weight`` is the gradient of that micro-batch's
-                                                       own mean loss
+    setup
+      check(plan)                                   refuse this run before any work (composition.py)
+      on_setup(run)                                 take arguments over for this train() (run.override)
+      on_train_begin                                (HF)
+      gradient_measurement()              [owner]   what the gradient statistics measure (AdamScale: the
+                                                    preconditioned gradients; default: the gradients)
+      schedule_clock(num_training_steps)  [owner]   the clock the LR schedule runs on, and its length
+                                                    (default: optimizer steps; AdaScale: progress; adaptive
+                                                    batch: samples, in steps of the initial batch)
+      lr_lambda(max_lr, num_training_steps,         the schedule's shape, replacing warm-up + HF decay
+                steps_per_epoch)          [owner]   (AutoWU)
+      resume_position(steps_per_epoch)    [owner]   on resume: (epoch, micro-batches into it) where the sampler
+                                                    stands, when steps x accumulation cannot say it
+    per epoch
+      on_epoch_position(epoch, steps_in_epoch,      the sampler's position at the epoch's start
+                        position)
+    per optimizer step
+      micro_batches_for_step()            [owner]   how many micro-batches this step draws (adaptive batch;
+                                                    default: gradient_accumulation_steps)
+      on_micro_batches_drawn(micro_batches,         what this rank drew for the step
+                             examples)
+      on_step_begin                                 (HF)
+      on_train_step_begin(step, model, inputs,      after model.train(), before the first micro-batch; may move
+                          local_gradient,           the weights (EXTRAP-SGD's x~)
+                          scheduled_lr)
+      per micro-batch k = 0..n-1
+        gradient_sync_context(model, accelerator)   the backward's sync context (local SGD: no all-reduce)
+        transform_micro_batch(step, model, inputs)  [owner]  the batch to train on and the context of its
+                                                    forward (ConAdv: [clean; adversarial])
+        on_local_gradient(name, param, grad,        once per parameter, during backward: the *local, unreduced*
+                          weight)                   micro-batch gradient (a tensor hook); ``grad / weight`` is the
+                                                    gradient of that micro-batch's own mean loss
         on_micro_batch_end(micro_step, num_micro_batches, loss)
         on_substep_end                              (HF, not after the last micro-batch)
-    on_reduced_gradients(model, grad_sq_norm,       the step's reduced (rank-averaged) gradient, before
-                         num_micro_batches,
-                         loss_scale)
-                                                    clipping; ``p.grad`` is readable in single process and DDP,
-                                                    ``None`` under DeepSpeed ZeRO (where this event fires from
-                                                    inside the optimizer step, before the update)
-    on_step_loss(loss)                              the step's loss averaged over micro-batches and ranks
-    on_pre_optimizer_step                           (HF)
-      lr_factor()                                   inside optimizer.step: multiplies this step's LR
-      on_lr_applied(learning_rate)                  right after the update: the LR it applied (group 0)
-    on_optimizer_step                               (HF)
-    on_step_end                                     (HF)
+      on_reduced_gradients(model, grad_sq_norm,     the step's reduced (rank-averaged) gradient, before clipping,
+                           num_micro_batches,       loss scale removed; ``p.grad`` is readable in single process
+                           num_examples,            and DDP, ``None`` under DeepSpeed ZeRO (where this event fires
+                           loss_scale, statistics,  from inside the optimizer step, before the update);
+                           [example_gradients])     ``statistics``: the step's ``GradientStatistics``
+      on_step_loss(loss)                            the step's loss averaged over micro-batches and ranks
+      on_pre_optimizer_step                         (HF)
+        on_before_update()                          inside optimizer.step, before the update (EXTRAP-SGD back to
+                                                    x); under ZeRO once per param group
+        lr_factor()                       [query]   multiplies this step's LR (product over algorithms)
+        on_lr_applied(learning_rate)                right after the update: the LR it applied (group 0); not
+                                                    fired when the update was skipped (fp16 overflow)
+      on_optimizer_step, on_step_end                (HF)
+    logging: log_metrics() adds each algorithm's numbers to every logging step
+    checkpoints: state_dict() / load_state_dict(state), saved with every checkpoint, per rank
 
 Every algorithm declares what it needs (``check(plan)``, given the ``composition.RunPlan`` of the run) and which
 other algorithms it cannot run with (``excludes``, by ``name``, with the reason); ``LargeBatchTrainer`` checks the
 algorithms actually present at ``train()``, however they were configured (arguments or ``callbacks=[...]``), so a
 combination is refused with the same message either way (``composition.check_composition``).
 
-Every algorithm also owns its checkpoint state: ``state_dict()`` returns plain tensors/numbers (saved with
-``torch.save`` in each checkpoint and loaded with ``weights_only=True`` on resume), ``load_state_dict`` restores
-it, and ``log_metrics()`` adds its numbers to every logging step.
-
-The expensive events (per-parameter gradient hooks, the reduced norm, the loss all-reduce) are only wired when
-some algorithm overrides them.
+An algorithm that sets ``needs_gradient_statistics`` (or ``needs_example_gradients``) gets the step's
+``GradientStatistics`` (or per-example gradients) in ``on_reduced_gradients``: one estimator per trainer, computed
+once per step for all its consumers. The expensive events (per-parameter gradient hooks, the reduced norm, the loss
+all-reduce) are only wired when some algorithm overrides them.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,9 +77,35 @@ from transformers import TrainerCallback
 
 from .option_strings import option_name
 
-#: the events LargeBatchTrainer fires (and ``lr_factor``, which it queries), beyond HF's callback events
-EVENTS = ("on_local_gradient", "on_micro_batch_end", "on_reduced_gradients", "on_step_loss", "on_lr_applied",
-          "lr_factor")
+#: the events and queries LargeBatchTrainer fires beyond HF's callback events (listeners indexed once per train)
+EVENTS = ("on_setup", "gradient_measurement", "schedule_clock", "lr_lambda", "resume_position", "on_epoch_position",
+          "micro_batches_for_step", "on_micro_batches_drawn", "on_train_step_begin", "gradient_sync_context",
+          "transform_micro_batch", "on_local_gradient", "on_micro_batch_end", "on_reduced_gradients",
+          "on_step_loss", "on_before_update", "lr_factor", "on_lr_applied")
+
+#: the events at most one algorithm of a run may answer
+OWNED_EVENTS = ("gradient_measurement", "schedule_clock", "lr_lambda", "resume_position", "micro_batches_for_step", "transform_micro_batch")
+
+
+@dataclass(frozen=True)
+class Clock:
+    """The clock an LR schedule runs on: ``now()`` is the scheduler's step, ``length`` the schedule's length in
+    that clock's steps (None: the trainer's count of optimizer steps); ``requirement`` says why, for the message
+    when the schedule cannot be re-clocked (not a ``LambdaLR``)."""
+
+    now: Callable[[], int]
+    requirement: str
+    length: int | None = None
+
+
+@dataclass
+class MicroBatch:
+    """What ``transform_micro_batch`` trains on instead of the micro-batch: ``inputs``, the ``context`` the forward
+    runs in, and ``copies`` (how many times each example appears: the token rule divides it out)."""
+
+    inputs: dict
+    context: contextlib.AbstractContextManager
+    copies: int = 1
 
 
 class Algorithm(TrainerCallback):
@@ -60,10 +117,60 @@ class Algorithm(TrainerCallback):
     option: str = ""
     #: ``{name of another algorithm: why they cannot run together}``
     excludes: dict[str, str] = {}
+    #: receives the step's ``GradientStatistics`` in ``on_reduced_gradients`` (``statistics=``)
+    needs_gradient_statistics: bool = False
+    #: its backward never all-reduces (local SGD): the gradient statistics are then each worker's own
+    keeps_gradients_local: bool = False
+    #: receives ``example_gradients(count)`` in ``on_reduced_gradients`` (per-example gradients of the step's first
+    #: micro-batch, at the step's weights)
+    needs_example_gradients: bool = False
 
     def check(self, plan) -> None:
         """Raise ``ValueError`` naming the setting and the fix if this run (``composition.RunPlan``) cannot host
         the algorithm. Called at ``train()``, before any work."""
+
+    # -- setup
+    def on_setup(self, args, state, control, *, run, **kwargs):
+        """At ``train()``, after the composition check: ``run`` is the trainer's ``RunSetup``."""
+
+    def gradient_measurement(self):
+        """What the trainer's gradient statistics measure, if not the gradients themselves (a
+        ``core.statistics`` measurement: AdamScale's preconditioned gradients); asked at the first step."""
+        return None
+
+    def schedule_clock(self, num_training_steps: int) -> Clock | None:
+        return None
+
+    def lr_lambda(self, max_lr: float, num_training_steps: int, steps_per_epoch: int) -> Callable | None:
+        """A ``LambdaLR`` factor of the scheduler's step (the groups' base LR is ``max_lr``), or None."""
+        return None
+
+    def resume_position(self, steps_per_epoch: int) -> tuple[int, int] | None:
+        """On resume (after ``load_state_dict``): ``(epoch, micro-batches already drawn in it)``, or None."""
+        return None
+
+    def on_epoch_position(self, args, state, control, *, epoch: int, steps_in_epoch: int, position: int,
+                          **kwargs):
+        pass
+
+    # -- per step
+    def micro_batches_for_step(self) -> int | None:
+        return None
+
+    def on_micro_batches_drawn(self, args, state, control, *, micro_batches: int, examples: int, **kwargs):
+        pass
+
+    def on_train_step_begin(self, args, state, control, *, step, model, inputs: dict, local_gradient,
+                            scheduled_lr: float, **kwargs):
+        """``model``: the unwrapped model in training mode; ``local_gradient(params)``: this rank's gradient of the
+        step's first micro-batch's mean loss (no collective, no hooks fired); ``scheduled_lr``: the scheduler's LR
+        for this step (group 0, before any ``lr_factor``)."""
+
+    def gradient_sync_context(self, model, accelerator) -> contextlib.AbstractContextManager | None:
+        return None
+
+    def transform_micro_batch(self, args, state, control, *, step, model, inputs: dict) -> MicroBatch | None:
+        return None
 
     def on_local_gradient(self, args, state, control, *, name: str, param: torch.nn.Parameter,
                           grad: torch.Tensor, weight: float, **kwargs):
@@ -80,14 +187,18 @@ class Algorithm(TrainerCallback):
     def on_step_loss(self, args, state, control, *, loss: float, **kwargs):
         pass
 
-    def on_lr_applied(self, args, state, control, *, learning_rate: float, **kwargs):
-        pass
+    def on_before_update(self, args, state, control, **kwargs):
+        """Inside ``optimizer.step``, before the update; must be idempotent (ZeRO fires it per param group)."""
 
     def lr_factor(self) -> float:
         """Multiplier of the LR of the step being taken, applied inside ``optimizer.step`` (after the step's
         ``on_reduced_gradients``) and undone after it: the scheduler keeps owning the base LR."""
         return 1.0
 
+    def on_lr_applied(self, args, state, control, *, learning_rate: float, **kwargs):
+        pass
+
+    # -- logs and checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -81,3 +81,11 @@ def summed_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift
         reduction="sum",
         label_smoothing=label_smoothing,
     )
+
+
+def logits_of(outputs, loss_first: bool = False) -> torch.Tensor:
+    """The logits in a model's outputs: ``outputs["logits"]`` of a ``ModelOutput`` or dict; in a tuple the first
+    entry, or the second when the model was given labels and so returns its loss first (``loss_first``)."""
+    if isinstance(outputs, dict):
+        return outputs["logits"]
+    return outputs[1 if loss_first else 0]

@@ -18,6 +18,19 @@ separately smoothed numerator and denominator. With few micro-batches a single s
 ``<= 0`` (floored to 0 before smoothing, as the spec says): while the *smoothed* value is not positive there is no
 estimate (``has_estimate`` is false, ``noise_scale`` is nan) and the adaptive batch decides nothing from it.
 
+Who does what (adaptdl's estimator / policy split):
+
+* ``GradientStatistics`` is the **estimator**: one per trainer, created when any algorithm sets
+  ``needs_gradient_statistics``. The trainer feeds it the hook gradients and the reduced norm; once per step it
+  reduces its sums over ranks (one small all-reduce) into a ``StepStatistics`` that every consumer receives in
+  ``on_reduced_gradients(statistics=...)``. What it measures is a ``Measurement``: the gradients themselves
+  (``GradientNorms``) or, when an algorithm provides one (``gradient_measurement``: AdamScale's preconditioned
+  gradients), that algorithm's, which every consumer then shares. Under local SGD (an algorithm that
+  ``keeps_gradients_local``) the "reduced" gradient is each worker's own: each worker's estimates are formed from
+  its own micro-batches and averaged over workers instead.
+* ``SmoothedNoiseScale`` is a **consumer**: its own smoothing of the step estimates (its own ``theta``), the noise
+  scale, its logs and checkpoint state. The noise-scale monitor, AdaScale and the adaptive batch are consumers.
+
 [decide] With ``n = 1`` there is no unbiased estimate: we refuse with a message that says how to get ``n >= 2``
 (gradient accumulation or a second rank) rather than offer a biased differenced estimator.
 """
@@ -25,6 +38,7 @@ estimate (``has_estimate`` is false, ``noise_scale`` is nan) and the adaptive ba
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -80,17 +94,134 @@ class BiasCorrectedEMA:
         self.theta, self.avg, self.count = float(state["theta"]), float(state["avg"]), int(state["count"])
 
 
-class GradientStatistics(Algorithm):
-    """Measures ``L``, ``T`` every step and keeps smoothed ``||G||^2`` and base-batch variance.
+@dataclass(frozen=True)
+class StepStatistics:
+    """One step's unbiased estimates: ``grad_sqr`` (``||G||^2``, floored at 0) and ``micro_var`` (the variance of one
+    micro-batch gradient), from ``n`` micro-batch gradients holding ``examples`` examples (over all ranks, or one
+    worker's under local SGD). ``valid`` is false (and the estimates nan) when the step cannot give an estimate:
+    fewer than 2 micro-batches, or a non-finite norm (an fp16 overflow)."""
 
-    Used on its own it is the **noise-scale monitor**: it changes nothing in training and logs ``grad_sqr``,
-    ``grad_var`` (at the base batch), ``noise_scale`` (B_simple, in examples: the critical batch size estimate)
-    every logging step. ``theta`` defaults to AdaScale's ``max(1 - S/1000, 0)``.
-    """
+    grad_sqr: float
+    micro_var: float
+    n: int
+    examples: float
 
-    name = "gradient_statistics"
+    @property
+    def valid(self) -> bool:
+        return self.n >= 2 and math.isfinite(self.grad_sqr) and math.isfinite(self.micro_var)
 
-    option = "callbacks=[NoiseScaleMonitor()]"
+    @classmethod
+    def from_norms(cls, local_sq_mean: float, reduced_sq: float, n: int, examples: float) -> StepStatistics:
+        """From ``L`` (weighted mean of the micro-batches' squared norms), ``T`` and ``n``."""
+        if n < 2 or not (math.isfinite(local_sq_mean) and math.isfinite(reduced_sq)):
+            return cls(math.nan, math.nan, n, examples)
+        return cls(*unbiased_estimates(local_sq_mean, reduced_sq, n), n, examples)
+
+
+class GradientNorms:
+    """The default ``Measurement``: ``L`` from the norms of the hook gradients, ``T`` from the reduced gradient.
+
+    A measurement accumulates this rank's ``[sum_i w_i ||g_i||^2, sum_i w_i]`` over the step's micro-batches
+    (``add_local`` per parameter, ``end_micro_batch`` per micro-batch) and gives ``T`` at the reduced gradients;
+    ``w_i`` is the micro-batch's share of the reduced gradient (its loss weight over the world size)."""
+
+    def __init__(self):
+        self._local_sq = None
+        self._micro_norms: list[torch.Tensor] = []
+
+    def begin_step(self) -> None:
+        """Start the step's local sums afresh: a step whose update never ran (DeepSpeed skips the optimizer on an
+        fp16 overflow, and with it the reduced gradients) must not leak its micro-batches into the next step."""
+        self._local_sq = None
+        self._micro_norms = []
+
+    def add_local(self, param, grad: torch.Tensor, weight: float, share: float) -> None:
+        # one norm kernel per parameter; squared, summed and unweighted once per micro-batch (fewer launches)
+        self._micro_norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
+
+    def end_micro_batch(self, weight: float, share: float) -> None:
+        """Add the finished micro-batch's ``w_i ||g_i||^2`` and ``w_i``. Also called when the reduced gradients
+        arrive: under DeepSpeed they do inside the last backward, before the micro-batch's end. The hook gradient
+        is ``weight x g_i``."""
+        if not self._micro_norms:
+            return
+        sq = torch.stack(self._micro_norms).square().sum() * (share / (weight * weight))
+        self._micro_norms = []
+        step = torch.stack([sq, torch.as_tensor(share, dtype=torch.float32, device=sq.device)])
+        self._add(step)
+
+    def _add(self, step: torch.Tensor) -> None:
+        self._local_sq = step if self._local_sq is None else self._local_sq + step
+
+    def take(self, model, grad_sq_norm: torch.Tensor, loss_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's ``[sum_i w_i ||g_i||^2, sum_i w_i]``, ``T``) of the step, and reset the sums."""
+        local = self._local_sq if self._local_sq is not None else torch.zeros(2, device=grad_sq_norm.device)
+        self._local_sq = None
+        return local.float().to(grad_sq_norm.device), grad_sq_norm
+
+
+class GradientStatistics:
+    """The estimator: one per trainer, fed by the trainer, its ``StepStatistics`` shared by every consumer."""
+
+    def __init__(self, world_size: int, measurement=None, local_workers: bool = False):
+        self.world_size = world_size
+        self.measurement = measurement or GradientNorms()
+        self.local_workers = local_workers  # local SGD: each worker's own estimates, averaged
+        self._weight = 1.0
+
+    def begin_step(self) -> None:
+        self.measurement.begin_step()
+
+    def on_local_gradient(self, param, grad: torch.Tensor, weight: float) -> None:
+        self._weight = weight
+        self.measurement.add_local(param, grad, weight, weight / self.world_size)
+
+    def on_micro_batch_end(self) -> None:
+        self.measurement.end_micro_batch(self._weight, self._weight / self.world_size)
+
+    def measure(self, model, grad_sq_norm: torch.Tensor, num_micro_batches: int, num_examples: int,
+                loss_scale: float) -> StepStatistics:
+        """The step's estimates: this rank's ``n`` micro-batches of ``num_examples`` examples, its reduced
+        ``||g_bar||^2`` (loss scale removed); one small all-reduce."""
+        self.on_micro_batch_end()
+        local, reduced_sq = self.measurement.take(model, grad_sq_norm, loss_scale)
+        device = grad_sq_norm.device  # where collectives run (a CUDA tensor under NCCL)
+        if self.local_workers:
+            return self._worker_average(local, reduced_sq, num_micro_batches, num_examples, device)
+        packed = torch.cat([local.to(device), torch.tensor([float(num_micro_batches), float(num_examples)],
+                                                           device=device)])
+        backends.all_reduce_sum(packed)
+        weighted_sq, weights, n, examples = packed.tolist()
+        return StepStatistics.from_norms(weighted_sq / weights if weights > 0 else math.nan, float(reduced_sq),
+                                         int(round(n)), examples)
+
+    def _worker_average(self, local, reduced_sq, n: int, examples: int, device) -> StepStatistics:
+        """Local SGD: each worker's own unbiased estimates (its micro-batches against its own gradient, weighted by
+        their shares of it), averaged over workers with one scalar all-reduce."""
+        weighted_sq, weights = local.tolist()
+        local_mean = weighted_sq / weights if weights > 0 else math.nan
+        estimates = unbiased_estimates(local_mean, float(reduced_sq), n) if n >= 2 else (math.nan, math.nan)
+        packed = backends.all_reduce_sum(torch.tensor([*estimates, 1.0], dtype=torch.float64, device=device))
+        grad_sqr, micro_var, workers = packed.tolist()
+        return StepStatistics(grad_sqr / workers, micro_var / workers, n, examples)
+
+
+def require_two_micro_batches(plan, who: str) -> None:
+    """Refused at ``train()`` before any work: fewer than 2 micro-batch gradients per step."""
+    if plan.micro_batches_per_step < 2:
+        raise ValueError(
+            f"{who} needs at least 2 micro-batch gradients per optimizer step for an unbiased estimate, but "
+            f"world_size x gradient_accumulation_steps = {plan.world_size} x {plan.accumulation} = 1. Set "
+            "gradient_accumulation_steps >= 2 (same global batch: halve per_device_train_batch_size) or run on "
+            ">= 2 ranks.")
+
+
+class SmoothedNoiseScale(Algorithm):
+    """A consumer of the step statistics: smoothed ``||G||^2`` and base-batch variance, the noise scale, their logs
+    (``grad_sqr``, ``grad_var`` at the base batch, ``noise_scale``: B_simple in examples) and checkpoint state.
+    ``theta`` defaults to AdaScale's ``max(1 - S/1000, 0)``."""
+
+    needs_gradient_statistics = True
     #: the reduced gradient is rank-local under local SGD (every backward under no_sync)
     excludes = {"local_sgd": "local SGD never all-reduces gradients, so the 'reduced' gradient T would be each rank's "
                              "own; adaptive_batch with local_sgd_steps measures the workers' local statistics instead"}
@@ -101,26 +232,14 @@ class GradientStatistics(Algorithm):
         self.grad_sqr = BiasCorrectedEMA(0.0)
         self.grad_var = BiasCorrectedEMA(0.0)
         self.skipped_steps = 0
-        self._local_sq = None
-        self._micro_norms: list[torch.Tensor] = []
-        self._micro_weight = 1.0
-        self._world_size = 1
         self.base_batch_size = base_batch_size or 1
         self.scale = 1.0  # the configured S = B / B0
         self.step_scale = 1.0  # the last measured step's own batch / B0 (smaller for a short last group)
 
-    # -- setup
     def check(self, plan) -> None:
-        """Refused at ``train()`` before any work: fewer than 2 micro-batch gradients per step."""
-        if plan.micro_batches_per_step < 2:
-            raise ValueError(
-                f"{type(self).__name__} needs at least 2 micro-batch gradients per optimizer step for an unbiased "
-                f"estimate, but world_size x gradient_accumulation_steps = {plan.world_size} x {plan.accumulation} "
-                "= 1. Set gradient_accumulation_steps >= 2 (same global batch: halve per_device_train_batch_size) "
-                "or run on >= 2 ranks.")
+        require_two_micro_batches(plan, type(self).__name__)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._world_size = args.world_size
         base = self._base_batch_size or getattr(args, "base_batch_size", None)
         global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         self.base_batch_size = base or global_batch
@@ -129,67 +248,23 @@ class GradientStatistics(Algorithm):
             theta = smoothing_for_scale(self.scale) if self._theta is None else self._theta
             self.grad_sqr, self.grad_var = BiasCorrectedEMA(theta), BiasCorrectedEMA(theta)
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        """Start the step's local sums afresh: a step whose update never ran (DeepSpeed skips the optimizer on an
-        fp16 overflow, and with it ``on_reduced_gradients``) must not leak its micro-batches into the next step."""
-        self._local_sq = None
-        self._micro_norms = []
+    def on_reduced_gradients(self, args, state, control, *, statistics: StepStatistics, **kwargs):
+        self.add(statistics)
 
-    # -- per micro-batch: local norms, no host sync
-    def on_local_gradient(self, args, state, control, *, grad, weight, **kwargs):
-        # one norm kernel per parameter; squared, summed and unweighted once per micro-batch (fewer launches)
-        self._micro_norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
-        self._micro_weight = weight
-
-    def on_micro_batch_end(self, args, state, control, **kwargs):
-        self._flush_micro_batch()
-
-    def _flush_micro_batch(self) -> None:
-        """Add the finished micro-batch's ``w_i ||g_i||^2`` and ``w_i`` to this step's local sums. Also called when
-        the reduced gradients arrive: under DeepSpeed they do inside the last backward, before
-        ``on_micro_batch_end``. The hook gradient is ``loss weight x g_i``; the micro-batch's share of the reduced
-        gradient is ``w_i = loss weight / world_size`` (ranks are averaged)."""
-        if not self._micro_norms:
-            return
-        weight = self._micro_weight
-        share = weight / self._world_size
-        sq = torch.stack(self._micro_norms).square().sum() * (share / (weight * weight))
-        self._micro_norms = []
-        step = torch.stack([sq, torch.as_tensor(share, dtype=torch.float32, device=sq.device)])
-        self._local_sq = step if self._local_sq is None else self._local_sq + step
-
-    def _take_local_sums(self, device) -> torch.Tensor:
-        """``[sum_i w_i ||g_i||^2, sum_i w_i]`` of this rank's micro-batches of the step (and reset them)."""
-        self._flush_micro_batch()
-        local = self._local_sq if self._local_sq is not None else torch.zeros(2, device=device)
-        self._local_sq = None
-        return local.float().to(device)
-
-    # -- per step: one small all-reduce, then the estimates
-    def on_reduced_gradients(self, args, state, control, *, grad_sq_norm, num_micro_batches, num_examples=None,
-                             **kwargs):
-        """``num_micro_batches`` and ``num_examples``: this rank's counts in this step (the step's real batch)."""
-        device = grad_sq_norm.device
-        examples = float(num_micro_batches * args.per_device_train_batch_size if num_examples is None
-                         else num_examples)
-        packed = torch.cat([self._take_local_sums(device),
-                            torch.tensor([float(num_micro_batches), examples], device=device)])
-        backends.all_reduce_sum(packed)
-        weighted_sq, weights, n, examples = packed.tolist()
-        self.update(weighted_sq / weights if weights > 0 else math.nan, float(grad_sq_norm), int(round(n)),
-                    examples / self.base_batch_size)
-
-    def update(self, local_sq_mean: float, reduced_sq: float, n: int, step_scale: float | None = None) -> None:
-        """One step's ``L``, ``T``, ``n`` (and its batch over B0, default the configured S) into the smoothed
-        estimates. Skipped (the previous estimates stand) when anything is non-finite, or when the step had a single
-        micro-batch (the short last accumulation group of an epoch with one micro-batch)."""
-        if n < 2 or not (math.isfinite(local_sq_mean) and math.isfinite(reduced_sq)):
+    def add(self, step: StepStatistics) -> None:
+        """One step's estimates into the smoothed ones, at the step's own batch over B0. Skipped (the previous
+        estimates stand) when the step gave none (non-finite, or a single micro-batch: the short last accumulation
+        group of an epoch with one micro-batch)."""
+        if not step.valid:
             self.skipped_steps += 1
             return
-        self.step_scale = self.scale if step_scale is None else step_scale
-        grad_sqr, micro_var = unbiased_estimates(local_sq_mean, reduced_sq, n)
-        self.grad_sqr.update(grad_sqr)
-        self.grad_var.update(max(micro_var * self.step_scale / n, VAR_FLOOR))  # a gradient over B0 examples
+        self.step_scale = step.examples / self.base_batch_size
+        self.grad_sqr.update(step.grad_sqr)
+        self.grad_var.update(max(step.micro_var * self.step_scale / step.n, VAR_FLOOR))  # a gradient over B0
+
+    def update(self, local_sq_mean: float, reduced_sq: float, n: int) -> None:
+        """``add`` from ``L``, ``T`` and ``n`` at the configured batch."""
+        self.add(StepStatistics.from_norms(local_sq_mean, reduced_sq, n, self.scale * self.base_batch_size))
 
     @property
     def has_estimate(self) -> bool:
@@ -217,11 +292,3 @@ class GradientStatistics(Algorithm):
         self.grad_sqr.load_state_dict(state["grad_sqr"])
         self.grad_var.load_state_dict(state["grad_var"])
         self.skipped_steps = int(state["skipped_steps"])
-
-
-class NoiseScaleMonitor(GradientStatistics):
-    """The gradient-noise-scale telemetry on its own: add it to any run (``callbacks=[NoiseScaleMonitor()]``) to
-    log ``grad_sqr``, ``grad_var`` and ``noise_scale`` (B_simple, an estimate of the critical batch size in
-    examples) without changing training. Needs ``world_size x gradient_accumulation_steps >= 2``."""
-
-    name = "noise_scale_monitor"

@@ -1,20 +1,26 @@
 """``LargeBatchTrainer``: a drop-in ``transformers.Trainer`` that scales to large batches.
 
-What it adds to ``Trainer`` (same constructor):
+The trainer is step plumbing and event firing; it knows no algorithm by name. What it adds to ``Trainer`` (same
+constructor):
 
 * **split-invariant gradients** (``loss.py``): the same global batch gives the same update however it is split
   over gradient-accumulation steps and ranks;
-* **one scheduler that owns the LR** (``scaling.py``): the scaling rule's peak LR and warm-up, followed by any HF
-  ``lr_scheduler_type`` decay, in a single HF ``LambdaLR`` that HF and DeepSpeed step once per optimizer step;
-* **the events of** ``Algorithm`` (``algorithm.py``) and their checkpoint state;
+* **one scheduler that owns the LR** (``lr_scaling.py``): the scaling rule's peak LR and warm-up, followed by any HF
+  ``lr_scheduler_type`` decay, in a single HF ``LambdaLR`` that HF and DeepSpeed step once per optimizer step, on
+  the clock an algorithm may own (``Algorithm.schedule_clock``);
+* **the events of** ``Algorithm`` (``events.py``, whose docstring shows where each fires in the loop), the step's
+  state in a ``StepContext`` (``step.py``), one gradient-statistics estimator for all its consumers
+  (``statistics.py``), one composition check at ``train()`` (``composition.py``) and every algorithm's checkpoint
+  state;
 * **honest logs**: ``learning_rate`` is the LR the optimizer applied in the step (read inside ``optimizer.step``),
   plus ``scale`` (S = B / B0) and every algorithm's metrics.
+
+Algorithms come from the options (``LargeBatchArguments.build_algorithms``) or from ``callbacks=[...]``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from functools import partial
 
@@ -24,28 +30,26 @@ from transformers.optimization import get_scheduler
 
 from . import backends
 from . import loss as loss_rules
-from ..algorithms.adascale import AdaScale, innermost_optimizer
-from .events import EVENTS, Algorithm
-from .composition import RunPlan, check_composition
-from ..algorithms.autowu import AutoWU
-from ..algorithms.adaptive_batch import EXAMPLE_TESTS, AdaptiveBatch, LocalSGD, per_example_gradients
-from ..algorithms.conadv import ConAdv, micro_batch_seed
-from ..algorithms.extrapolation import Extrapolation, local_gradient, noise_seed
 from ..optim.lars_lamb_adamp import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
-from .option_strings import option_name
+from .backends import innermost_optimizer
+from .composition import RunPlan, check_composition
+from .events import EVENTS, OWNED_EVENTS, Algorithm
 from .lr_scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier, steps_per_epoch
-from .statistics import reduced_sq_norm
+from .option_strings import option_name
+from .local_gradients import local_gradient, per_example_gradients
+from .statistics import GradientStatistics, reduced_sq_norm
+from .step import RunSetup, StepContext
 
 ALGORITHM_STATE_FILE = "hf_largebatch_algorithms_rank{rank}.pt"
 
+#: the options the trainer itself reads, with their values under plain ``TrainingArguments``
 _DEFAULTS = {"lr_scaling": "none", "base_batch_size": None, "legw_base_warmup_epochs": 0.0,
-             "loss_normalization": "auto", "lr_schedule": "hf", "autowu_args": None,
-             "adversarial": "none", "extrapolation": "none", "adaptive_batch": "none", "local_sgd_steps": 0}
+             "loss_normalization": "auto", "lr_schedule": "hf"}
 
 
 class _StepBatches(list):
-    """The micro-batches of one optimizer step, handed to ``training_step`` as one input (adaptive batch sizes:
-    the HF loop then runs with an accumulation of 1 and the step's accumulation is ours to choose)."""
+    """The micro-batches of one optimizer step, handed to ``training_step`` as one input (when an algorithm owns
+    ``micro_batches_for_step``: the HF loop then runs with an accumulation of 1 and the step's is the algorithm's)."""
 
 
 def _num_examples(batch) -> int:
@@ -56,7 +60,8 @@ class LargeBatchTrainer(Trainer):
     """``Trainer`` with large-batch LR scaling, split-invariant gradients and algorithm events.
 
     Accepts plain ``TrainingArguments`` too (then: no LR scaling, ``loss_normalization="auto"``).
-    Algorithms are ``Algorithm`` callbacks passed through ``callbacks=[...]`` or ``add_callback``.
+    Algorithms are ``Algorithm`` callbacks passed through ``callbacks=[...]`` or ``add_callback``, or built from
+    ``LargeBatchArguments`` options.
     """
 
     def __init__(self, *args, **kwargs):
@@ -70,35 +75,15 @@ class LargeBatchTrainer(Trainer):
         base = self._option("base_batch_size")
         self.scale = 1.0 if base is None else batch_scale(self.global_batch_size, base)
         self._shifts_labels = loss_rules.shifts_labels(self.accelerator.unwrap_model(self.model))
-        self._micro_step = 0
-        self._micro_weight = 1.0
-        self._step_loss_sum = None
-        self._step_examples = 0
-        self._applied_lrs: list[float] = []
-        self._reduced_fired = False
-        self._lr_applied_fired = False
+        self.step = StepContext(shifts_labels=self._shifts_labels)
+        self._run: RunSetup | None = None
+        self._statistics: GradientStatistics | None = None
         self._grad_hook_handles: list = []
-        self._unscaled_group_lrs: list | None = None
         self._muted_hooks = False
-        if self._option("lr_scaling") == "adascale" and self._adascale() is None:
-            self.add_callback(AdaScale())
-        if self._option("lr_schedule") == "autowu" and self._autowu() is None:
-            self.add_callback(AutoWU(self.args.autowu_config()))
-        if self._option("adversarial") != "none" and self._conadv() is None:
-            config = self.args.conadv_config()
-            if config.pixel_epsilon is not None and config.image_std is None:
-                raise ValueError("adversarial_args gives pixel_epsilon, which needs the images' per-channel std: pass "
-                                 "callbacks=[ConAdv(args.conadv_config(image_mean=..., image_std=...), "
-                                 "args.adversarial)] (the image recipe does), or give epsilon in input units")
-            self.add_callback(ConAdv(config, self.args.adversarial))
-        if self._option("extrapolation") != "none" and self._extrapolation() is None:
-            self.add_callback(Extrapolation(self.args.extrapolation, self.args.extrapolation_ratio))
-        if self._option("adaptive_batch") != "none" and self._find(AdaptiveBatch) is None:
-            self.add_callback(AdaptiveBatch(self.args.adaptive_batch, self.args.adaptive_batch_config(),
-                                            self._option("lr_scaling"), base, self._option("local_sgd_steps")))
-        if self._option("local_sgd_steps") and self._find(LocalSGD) is None:
-            self.add_callback(LocalSGD(self.args.local_sgd_steps))
-        self._test_inputs = None
+        build = getattr(self.args, "build_algorithms", None)
+        if build is not None:  # the algorithms the options ask for and callbacks=[...] did not bring
+            for algorithm in build(present=self.algorithms):
+                self.add_callback(algorithm)
         self._index_listeners()
 
     # ------------------------------------------------------------------ options and algorithms
@@ -109,34 +94,24 @@ class LargeBatchTrainer(Trainer):
     def algorithms(self) -> list[Algorithm]:
         return [cb for cb in self.callback_handler.callbacks if isinstance(cb, Algorithm)]
 
+    def algorithm(self, name: str) -> Algorithm | None:
+        """The run's algorithm called ``name`` (its ``Algorithm.name``), or None."""
+        return next((alg for alg in self.algorithms if alg.name == name), None)
+
     def _index_listeners(self) -> None:
-        """Which algorithms override which extra event (and the ConAdv / EXTRAP-SGD algorithms the step drives),
-        looked up once per ``train()``, not per micro-batch or gradient hook."""
-        self._listeners = {event: [alg for alg in self.algorithms if alg.overrides(event)] for event in EVENTS}
-        self._adversary, self._extrapolator = self._conadv(), self._extrapolation()
-        self._adaptive, self._local_sgd = self._find(AdaptiveBatch), self._find(LocalSGD)
+        """Which algorithms answer which extra event, looked up once per ``train()``, not per micro-batch or
+        gradient hook; the owner of each owned event (``check_composition`` refuses two)."""
+        algorithms = self.algorithms
+        self._listeners = {event: [alg for alg in algorithms if alg.overrides(event)] for event in EVENTS}
+        self._owner = {event: next(iter(self._listeners[event]), None) for event in OWNED_EVENTS}
+        self._needs_statistics = any(alg.needs_gradient_statistics for alg in algorithms)
+        self._needs_example_gradients = any(alg.needs_example_gradients for alg in algorithms)
+        self._gradients_stay_local = any(alg.keeps_gradients_local for alg in algorithms)
+        self._hooks_wanted = self._needs_statistics or bool(self._listeners["on_local_gradient"])
 
     def _fire(self, event: str, **kwargs) -> None:
         for alg in self._listeners[event]:
             getattr(alg, event)(self.args, self.state, self.control, **kwargs)
-
-    def _wanted(self, event: str) -> bool:
-        return bool(self._listeners[event])
-
-    def _find(self, kind: type) -> Algorithm | None:
-        return next((alg for alg in self.algorithms if isinstance(alg, kind)), None)
-
-    def _adascale(self) -> AdaScale | None:
-        return self._find(AdaScale)
-
-    def _autowu(self) -> AutoWU | None:
-        return self._find(AutoWU)
-
-    def _conadv(self) -> ConAdv | None:
-        return self._find(ConAdv)
-
-    def _extrapolation(self) -> Extrapolation | None:
-        return self._find(Extrapolation)
 
     # ------------------------------------------------------------------ optimizer and LR ownership
     def create_optimizer(self, model=None):
@@ -150,7 +125,7 @@ class LargeBatchTrainer(Trainer):
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args, model=None):
-        """HF's optimizers, plus ``optim`` = ``lars`` | ``lamb`` | ``adamp`` (``optimizers.py``)."""
+        """HF's optimizers, plus ``optim`` = ``lars`` | ``lamb`` | ``adamp`` (``optim/lars_lamb_adamp.py``)."""
         name = option_name(args.optim)
         if name in LARGE_BATCH_OPTIMIZERS:
             return optimizer_cls_and_kwargs(name, args.learning_rate, args.weight_decay, args.adam_beta1,
@@ -169,10 +144,10 @@ class LargeBatchTrainer(Trainer):
         return multiplier, warmup
 
     def _update_steps_per_epoch(self) -> int:
-        micro_batches = len(self.get_train_dataloader())
-        adaptive = self._adaptive
-        ga = adaptive.initial_accumulation if adaptive is not None else self.args.gradient_accumulation_steps
-        return steps_per_epoch(micro_batches, ga)
+        """Optimizer steps per epoch at the accumulation the user configured (an algorithm may own it in train)."""
+        accumulation = (self._run.configured("gradient_accumulation_steps") if self._run is not None
+                        else self.args.gradient_accumulation_steps)
+        return steps_per_epoch(len(self.get_train_dataloader()), accumulation)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is not None:
@@ -181,19 +156,21 @@ class LargeBatchTrainer(Trainer):
                                  "scheduler in `optimizers=(optimizer, scheduler)`; use lr_scheduler_type instead")
             return self.lr_scheduler
         optimizer = optimizer if optimizer is not None else self.optimizer
-        adaptive = self._adaptive
-        if adaptive is not None:  # the schedule counts samples, in steps of the initial batch
-            num_training_steps = math.ceil(adaptive.budget_micro_batches / adaptive.initial_accumulation)
+        clock_owner = self._owner["schedule_clock"]
+        clock = clock_owner.schedule_clock(num_training_steps) if clock_owner is not None else None
+        if clock is not None and clock.length is not None:
+            num_training_steps = clock.length
         multiplier, warmup = self.lr_plan(num_training_steps)
         # The scheduler's base LR is the scaled peak: warm-up and decay then act on it, in one LambdaLR. The
         # unscaled LR is kept in the group so that a second train() does not scale twice.
         for group in optimizer.param_groups:
             base_lr = group.setdefault("unscaled_lr", group["lr"])
             group["lr"] = group["initial_lr"] = base_lr * multiplier
-        autowu = self._autowu()
-        if autowu is not None:  # AutoWU decides the LR as it goes; the groups' base LR is its max_lr
-            autowu.build(self.args.learning_rate, num_training_steps, self._update_steps_per_epoch())
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, autowu.multiplier)
+        shape_owner = self._owner["lr_lambda"]
+        lr_lambda = (shape_owner.lr_lambda(self.args.learning_rate, num_training_steps,
+                                           self._update_steps_per_epoch()) if shape_owner is not None else None)
+        if lr_lambda is not None:  # the algorithm decides the LR as it goes; the groups' base LR is its max_lr
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         else:
             schedule = option_name(self.args.lr_scheduler_type)
             if schedule == "constant" and warmup > 0:  # HF's "constant" ignores the warm-up silently
@@ -205,11 +182,8 @@ class LargeBatchTrainer(Trainer):
                 num_training_steps=num_training_steps,
                 scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
             )
-        adascale = self._adascale()
-        if adascale is not None:  # AdaScale: the schedule runs on progress tau (base-batch steps), not on steps
-            self._run_schedule_on(lambda: int(adascale.progress), "lr_scaling='adascale' needs a schedule of progress")
-        if adaptive is not None:
-            self._run_schedule_on(lambda: adaptive.schedule_step, "adaptive_batch needs a schedule of samples")
+        if clock is not None:
+            self._run_schedule_on(clock.now, clock.requirement)
         self._created_lr_scheduler = True
         return self.lr_scheduler
 
@@ -222,31 +196,32 @@ class LargeBatchTrainer(Trainer):
 
     def _before_optimizer_step(self, optimizer, args, kwargs):
         # Under DeepSpeed ZeRO this runs once per param group (the engine steps groups one by one).
-        if self._extrapolator is not None:  # back from x~ to x before the update (idempotent)
-            self._extrapolator.finish()
-        if not self._reduced_fired and self._wanted("on_reduced_gradients"):
-            self._fire_reduced_gradients(self.model)
+        step = self.step
+        self._fire("on_before_update")
+        if not step.reduced_fired and self._listeners["on_reduced_gradients"]:
+            self._fire_reduced_gradients()
         factor = 1.0
         for alg in self._listeners["lr_factor"]:
             factor *= alg.lr_factor()
         if factor != 1.0:
-            self._unscaled_group_lrs = [group["lr"] for group in optimizer.param_groups]
+            step.unscaled_group_lrs = [group["lr"] for group in optimizer.param_groups]
             for group in optimizer.param_groups:
                 group["lr"] = group["lr"] * factor
-        self._applied_lrs.extend(group["lr"] for group in optimizer.param_groups)
+        step.applied_lrs.extend(group["lr"] for group in optimizer.param_groups)
 
     def _after_optimizer_step(self, optimizer, args, kwargs):
-        if not self._lr_applied_fired:  # under ZeRO the engine steps group by group: report group 0's LR once
-            self._lr_applied_fired = True
-            self._fire("on_lr_applied", learning_rate=self._applied_lrs[0])
-        if self._unscaled_group_lrs is not None:  # the scheduler keeps owning the base LR
-            for group, lr in zip(optimizer.param_groups, self._unscaled_group_lrs):
+        step = self.step
+        if not step.lr_applied_fired:  # under ZeRO the engine steps group by group: report group 0's LR once
+            step.lr_applied_fired = True
+            self._fire("on_lr_applied", learning_rate=step.applied_lrs[0])
+        if step.unscaled_group_lrs is not None:  # the scheduler keeps owning the base LR
+            for group, lr in zip(optimizer.param_groups, step.unscaled_group_lrs):
                 group["lr"] = lr
-            self._unscaled_group_lrs = None
+            step.unscaled_group_lrs = None
 
     def _get_learning_rate(self) -> float:
-        if self._applied_lrs:
-            return self._applied_lrs[0]
+        if self.step.applied_lrs:
+            return self.step.applied_lrs[0]
         return super()._get_learning_rate()
 
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
@@ -262,17 +237,19 @@ class LargeBatchTrainer(Trainer):
         finally:
             self.args.dataloader_drop_last = drop_last
 
-    # ------------------------------------------------------------------ split-invariant loss
+
+    # ------------------------------------------------------------------ the step's micro-batches
     def _loss_mode(self, labels) -> str:
         return loss_rules.resolve(self._option("loss_normalization"), labels)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        adaptive = self._adaptive
-        if adaptive is not None:  # the step's accumulation is the adaptive batch's (HF's loop runs with 1)
-            num_batches = adaptive.micro_batches_for_next_step()
+        owner = self._owner["micro_batches_for_step"]
+        if owner is not None:  # the step's accumulation is the algorithm's (HF's loop runs with 1)
+            num_batches = owner.micro_batches_for_step()
         batch_samples, num_items = self._step_micro_batches(epoch_iterator, num_batches, device)
-        if adaptive is not None and batch_samples:
-            adaptive.consumed(len(batch_samples), sum(_num_examples(b) for b in batch_samples))
+        if owner is not None and batch_samples:
+            self._fire("on_micro_batches_drawn", micro_batches=len(batch_samples),
+                       examples=sum(_num_examples(b) for b in batch_samples))
             batch_samples = [_StepBatches(batch_samples)]
         return batch_samples, num_items
 
@@ -288,23 +265,22 @@ class LargeBatchTrainer(Trainer):
         return batch_samples, count
 
     def _run_epoch(self, **kwargs):
-        if self._adaptive is not None:  # where the sampler stands: HF skipped this many micro-batches on resume
+        if self._listeners["on_epoch_position"]:  # where the sampler stands: HF skipped this many on resume
             resumed = kwargs["epoch"] == kwargs["epochs_trained"] and kwargs["resume_from_checkpoint"] is not None
-            self._adaptive.begin_epoch(kwargs["epoch"], kwargs["steps_in_epoch"],
-                                       kwargs["steps_trained_in_current_epoch"] if resumed else 0)
+            self._fire("on_epoch_position", epoch=kwargs["epoch"], steps_in_epoch=kwargs["steps_in_epoch"],
+                       position=kwargs["steps_trained_in_current_epoch"] if resumed else 0)
         return super()._run_epoch(**kwargs)
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
                              trial):
         epochs, steps = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
                                                      resume_from_checkpoint, trial)
-        if self._adaptive is None or resume_from_checkpoint is None or self.state.global_step == 0:
+        owner = self._owner["resume_position"]
+        if owner is None or resume_from_checkpoint is None or self.state.global_step == 0:
             return epochs, steps
-        # HF counts the position in steps x a fixed accumulation; ours is the sampler position itself
+        # HF counts the position in steps x a fixed accumulation; the owner knows the sampler position itself
         self._load_algorithm_states(resume_from_checkpoint)
-        epoch, position = self._adaptive.epoch, self._adaptive.position
-        if position >= num_update_steps_per_epoch:  # saved at the very end of an epoch
-            epoch, position = epoch + 1, 0
+        epoch, position = owner.resume_position(num_update_steps_per_epoch)
         return epoch, (0 if self.args.ignore_data_skip else position)
 
     def floating_point_ops(self, inputs):
@@ -316,19 +292,17 @@ class LargeBatchTrainer(Trainer):
         for batch in inputs if isinstance(inputs, _StepBatches) else [inputs]:
             super()._track_num_input_tokens(batch)
 
+    # ------------------------------------------------------------------ split-invariant loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training or self.compute_loss_func is not None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self._adversary is None:
+        owner = self._owner["transform_micro_batch"]
+        if owner is None:
             return self._training_loss(model, inputs, return_outputs, num_items_in_batch)
-        # ConAdv: the loss of [clean; adversarial], with the clean batch's normalisation (mean of the two halves)
-        batch, perturbing = self._adversary.training_batch(
-            self.accelerator.unwrap_model(model), inputs,
-            seed=micro_batch_seed(self.args.seed, self.state.global_step, self._micro_step, self.args.process_index),
-            last_micro_batch=self._micro_step == self.current_gradient_accumulation_steps - 1,
-            shift_labels=self._shifts_labels)
-        with perturbing:
-            return self._training_loss(model, batch, return_outputs, num_items_in_batch, copies=2)
+        batch = owner.transform_micro_batch(self.args, self.state, self.control, step=self.step,
+                                            model=self.accelerator.unwrap_model(model), inputs=inputs)
+        with batch.context:
+            return self._training_loss(model, batch.inputs, return_outputs, num_items_in_batch, copies=batch.copies)
 
     def _training_loss(self, model, inputs, return_outputs, num_items_in_batch, copies: int = 1):
         """The split-invariant training loss (loss.py); ``copies``: the batch holds each example that many times
@@ -337,7 +311,7 @@ class LargeBatchTrainer(Trainer):
         if self._loss_mode(labels) == "mean":
             # A per-micro-batch mean: the Trainer divides it by the micro-batches of this step; DDP averages ranks.
             self.loss_is_scaled_for_ga = False
-            self._micro_weight = 1.0 / self.current_gradient_accumulation_steps * self._hook_loss_scale()
+            self.step.micro_weight = 1.0 / self.current_gradient_accumulation_steps * self._hook_loss_scale()
             return super().compute_loss(model, inputs, return_outputs)
         if num_items_in_batch is None:
             raise ValueError("loss_normalization='tokens' needs integer per-token `labels` in every batch")
@@ -346,80 +320,10 @@ class LargeBatchTrainer(Trainer):
         # Sum over this micro-batch / tokens of the whole global batch; x world undoes the ranks' averaging.
         loss = summed * world / (num_items_in_batch * copies)
         self.loss_is_scaled_for_ga = True
-        if self._wanted("on_local_gradient"):
+        if self._hooks_wanted:
             tokens = loss_rules.count_label_tokens(labels, self._shifts_labels)
-            self._micro_weight = float(world * tokens / (num_items_in_batch * copies)) * self._hook_loss_scale()
+            self.step.micro_weight = float(world * tokens / (num_items_in_batch * copies)) * self._hook_loss_scale()
         return (loss, outputs) if return_outputs else loss
-
-    # ------------------------------------------------------------------ per-micro-batch and per-step events
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        if isinstance(inputs, _StepBatches):
-            return self._accumulated_step(model, inputs, num_items_in_batch)
-        with self._local_sgd_context(model):
-            return self._micro_batch_step(model, inputs, num_items_in_batch)
-
-    def _local_sgd_context(self, model):
-        """Local SGD: no gradient all-reduce in any backward (the parameters are averaged every H steps)."""
-        return self.accelerator.no_sync(model) if self._local_sgd is not None else contextlib.nullcontext()
-
-    def _accumulated_step(self, model, micro_batches, num_items_in_batch):
-        """One optimizer step's micro-batches (adaptive batch sizes): all but the last without gradient sync."""
-        self.current_gradient_accumulation_steps = len(micro_batches)
-        total = None
-        for i, inputs in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            self.accelerator.gradient_state._set_sync_gradients(last)
-            context = self._local_sgd_context(model) if last else self.accelerator.no_sync(model)
-            with context:
-                loss = self._micro_batch_step(model, inputs, num_items_in_batch)
-            total = loss if total is None else total + loss
-        return total
-
-    def _micro_batch_step(self, model, inputs, num_items_in_batch):
-        if self._micro_step == 0:
-            self._applied_lrs = []
-            self._reduced_fired = False
-            self._lr_applied_fired = False
-            self._step_loss_sum = None
-            self._step_examples = 0
-            if self._extrapolator is not None:
-                model.train()  # the direction in training mode (HF's training_step sets it only after this)
-                self._extrapolate(model, inputs)
-            if self._adaptive is not None and self._adaptive.test in EXAMPLE_TESTS:
-                self._test_inputs = inputs  # the per-example test statistics are taken on its first examples
-        self._step_examples += _num_examples(inputs)
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self._step_loss_sum = loss if self._step_loss_sum is None else self._step_loss_sum + loss
-        last = self.accelerator.sync_gradients
-        self._fire("on_micro_batch_end", micro_step=self._micro_step,
-                   num_micro_batches=self.current_gradient_accumulation_steps, loss=loss)
-        self._micro_step += 1
-        if last:
-            self._micro_step = 0
-            if self._wanted("on_reduced_gradients") and not self.is_deepspeed_enabled:
-                self._fire_reduced_gradients(model)
-            if self._wanted("on_step_loss"):
-                total = backends.all_reduce_sum(self._step_loss_sum.detach().float().clone())
-                self._fire("on_step_loss", loss=total.item() / self.args.world_size)
-        return loss
-
-    def _extrapolate(self, model, inputs) -> None:
-        """EXTRAP-SGD: move the weights to x~ before the step's micro-batches (extrapolation.py)."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        params = [p for p in unwrapped.parameters() if p.requires_grad]
-        seed = noise_seed(self.args.seed, self.state.global_step, self.args.process_index)
-        direction = self._extrapolator.direction(params, lambda: self._local_gradient(unwrapped, inputs, params), seed)
-        self._extrapolator.begin(params, self.lr_scheduler.get_last_lr()[0], direction)
-
-    def _local_gradient(self, model, inputs, params) -> list[torch.Tensor]:
-        """This rank's gradient of its micro-batch's mean loss (extrapolation.local_gradient: no collective)."""
-        inputs = self._prepare_inputs(inputs)
-        self._muted_hooks = True  # algorithms' on_local_gradient must not see this pass
-        try:
-            with self.compute_loss_context_manager():
-                return local_gradient(model, params, lambda: self._mean_loss(model, inputs))
-        finally:
-            self._muted_hooks = False
 
     def _mean_loss(self, model, inputs) -> torch.Tensor:
         """The micro-batch's own mean loss: per example, or per label token under the token rule; the training
@@ -430,18 +334,111 @@ class LargeBatchTrainer(Trainer):
         summed, _ = self._summed_token_loss(model, inputs)
         return summed / loss_rules.count_label_tokens(labels, self._shifts_labels).clamp(min=1)
 
+    def _model_inputs(self, inputs, tokens: bool) -> dict:
+        """A decoder-only LM needs its labels only for its own loss, which the token rule recomputes: do not
+        compute it twice."""
+        return {k: v for k, v in inputs.items() if k != "labels"} if tokens and self._shifts_labels else inputs
+
     def _summed_token_loss(self, model, inputs):
         """(sum of the micro-batch's token cross-entropies, the model's outputs)."""
-        # A decoder-only LM needs its labels only for its own loss, which we recompute: do not compute it twice.
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"} if self._shifts_labels else inputs
+        model_inputs = self._model_inputs(inputs, tokens=True)
         outputs = model(**model_inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0 if model_inputs is not inputs else 1]
+        logits = loss_rules.logits_of(outputs, loss_first=model_inputs is inputs)
         summed = loss_rules.summed_token_cross_entropy(logits, inputs["labels"], self._shifts_labels,
                                                        self.args.label_smoothing_factor)
         return summed, outputs
 
-    def _fire_reduced_gradients(self, model) -> None:
-        self._reduced_fired = True
+    # ------------------------------------------------------------------ per-micro-batch and per-step events
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if isinstance(inputs, _StepBatches):
+            return self._accumulated_step(model, inputs, num_items_in_batch)
+        with self._gradient_sync_context(model):
+            return self._micro_batch_step(model, inputs, num_items_in_batch)
+
+    def _gradient_sync_context(self, model):
+        """The algorithms' sync contexts for a backward that ends the step (local SGD: no all-reduce)."""
+        stack = contextlib.ExitStack()
+        for alg in self._listeners["gradient_sync_context"]:
+            context = alg.gradient_sync_context(model, self.accelerator)
+            if context is not None:
+                stack.enter_context(context)
+        return stack
+
+    def _accumulated_step(self, model, micro_batches, num_items_in_batch):
+        """One optimizer step's micro-batches (an algorithm owns their count): all but the last without sync."""
+        self.current_gradient_accumulation_steps = len(micro_batches)
+        total = None
+        for i, inputs in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            self.accelerator.gradient_state._set_sync_gradients(last)
+            context = self._gradient_sync_context(model) if last else self.accelerator.no_sync(model)
+            with context:
+                loss = self._micro_batch_step(model, inputs, num_items_in_batch)
+            total = loss if total is None else total + loss
+        return total
+
+    def _micro_batch_step(self, model, inputs, num_items_in_batch):
+        step = self.step
+        step.num_micro_batches = self.current_gradient_accumulation_steps
+        if step.micro_step == 0:
+            self._begin_step(model, inputs)
+        step.examples += _num_examples(inputs)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        step.loss_sum = loss if step.loss_sum is None else step.loss_sum + loss
+        last = self.accelerator.sync_gradients
+        if self._statistics is not None:
+            self._statistics.on_micro_batch_end()
+        self._fire("on_micro_batch_end", micro_step=step.micro_step, num_micro_batches=step.num_micro_batches,
+                   loss=loss)
+        step.micro_step += 1
+        if last:
+            step.micro_step = 0
+            if self._listeners["on_reduced_gradients"] and not self.is_deepspeed_enabled:
+                self._fire_reduced_gradients()
+            if self._listeners["on_step_loss"]:
+                total = backends.all_reduce_sum(step.loss_sum.detach().float().clone())
+                self._fire("on_step_loss", loss=total.item() / self.args.world_size)
+        return loss
+
+    def _begin_step(self, model, inputs) -> None:
+        """Before the step's first micro-batch: a fresh step context and statistics, then ``on_train_step_begin``
+        (with the model in training mode: HF's training_step sets it only after this)."""
+        self.step.begin()
+        if self._needs_statistics:
+            if self._statistics is None:  # after on_train_begin: the optimizer is known to the algorithms
+                owner = self._owner["gradient_measurement"]
+                self._statistics = GradientStatistics(self.args.world_size,
+                                                      owner.gradient_measurement() if owner else None,
+                                                      local_workers=self._gradients_stay_local)
+            self._statistics.begin_step()
+        if self._listeners["on_train_step_begin"]:
+            model.train()
+            unwrapped = self.accelerator.unwrap_model(model)
+            self._fire("on_train_step_begin", step=self.step, model=unwrapped, inputs=inputs,
+                       local_gradient=partial(self._local_gradient, unwrapped, inputs),
+                       scheduled_lr=self.lr_scheduler.get_last_lr()[0])
+        if self._needs_example_gradients:
+            self.step.example_inputs = inputs  # the per-example gradients are taken on its first examples
+
+    def _local_gradient(self, model, inputs, params) -> list[torch.Tensor]:
+        """This rank's gradient of its micro-batch's mean loss (``local_gradients.local_gradient``: no collective,
+        no hooks fired)."""
+        inputs = self._prepare_inputs(inputs)
+        with self._hooks_muted(), self.compute_loss_context_manager():
+            return local_gradient(model, params, lambda: self._mean_loss(model, inputs))
+
+    @contextlib.contextmanager
+    def _hooks_muted(self):
+        """The algorithms' ``on_local_gradient`` (and the statistics) must not see an extra pass."""
+        self._muted_hooks = True
+        try:
+            yield
+        finally:
+            self._muted_hooks = False
+
+    def _fire_reduced_gradients(self) -> None:
+        step = self.step
+        step.reduced_fired = True
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         loss_scale = self._loss_scale()
         if grads:
@@ -452,16 +449,19 @@ class LargeBatchTrainer(Trainer):
                 raise RuntimeError("reduced gradients are not readable under this backend")
             sq = torch.as_tensor(float(norm), dtype=torch.float32) ** 2
         extra = {}
-        if self._test_inputs is not None:
-            extra["example_gradients"] = partial(self._example_gradients, self._test_inputs, loss_scale)
+        if self._statistics is not None:
+            extra["statistics"] = self._statistics.measure(self.model, sq, self.current_gradient_accumulation_steps,
+                                                           step.examples, loss_scale)
+        if step.example_inputs is not None:
+            extra["example_gradients"] = partial(self._example_gradients, step.example_inputs, loss_scale)
         self._fire("on_reduced_gradients", model=self.model, grad_sq_norm=sq,
-                   num_micro_batches=self.current_gradient_accumulation_steps, num_examples=self._step_examples,
+                   num_micro_batches=self.current_gradient_accumulation_steps, num_examples=step.examples,
                    loss_scale=loss_scale, **extra)
-        self._test_inputs = None
+        step.example_inputs = None
 
     def _example_gradients(self, inputs, loss_scale, count):
         """(this step's gradient ``.grad``, an iterator over the gradients of the first ``count`` examples of
-        ``inputs`` at the current weights: ``batching.per_example_gradients``, hooks muted).
+        ``inputs`` at the current weights: ``local_gradients.per_example_gradients``, hooks muted).
 
         Per-example losses are the micro-batch's loss rule taken per example: cross-entropy over classes
         (``mean`` rule, integer class labels) or the example's mean token cross-entropy (``tokens`` rule)."""
@@ -474,18 +474,14 @@ class LargeBatchTrainer(Trainer):
                                        and v.shape[0] == size else v for k, v in inputs.items()})
         labels = inputs["labels"]
         tokens = self._loss_mode(labels) == "tokens"
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"} if tokens and self._shifts_labels else inputs
+        model_inputs = self._model_inputs(inputs, tokens)
 
         def forward():
-            self._muted_hooks = True
-            try:
-                with self.compute_loss_context_manager():
-                    return model(**model_inputs)
-            finally:
-                self._muted_hooks = False
+            with self._hooks_muted(), self.compute_loss_context_manager():
+                return model(**model_inputs)
 
         def example_losses(outputs):
-            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0 if model_inputs is not inputs else 1]
+            logits = loss_rules.logits_of(outputs, loss_first=model_inputs is inputs)
             smoothing = self.args.label_smoothing_factor
             if tokens:
                 return [loss_rules.summed_token_cross_entropy(logits[i:i + 1], labels[i:i + 1], self._shifts_labels,
@@ -493,9 +489,8 @@ class LargeBatchTrainer(Trainer):
                         / loss_rules.count_label_tokens(labels[i:i + 1], self._shifts_labels).clamp(min=1)
                         for i in range(count)]
             if logits.dim() != 2 or labels.dim() != 1 or labels.is_floating_point():
-                raise ValueError(f"adaptive_batch={self._adaptive.test!r} takes per-example losses as cross-entropy "
-                                 "over classes or tokens; this model's labels/logits are neither (use "
-                                 "adaptive_batch='norm', which needs no per-example gradients)")
+                raise ValueError("per-example losses are taken as cross-entropy over classes or tokens; this "
+                                 "model's labels/logits are neither")
             losses = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none",
                                                        label_smoothing=smoothing)
             return list(losses)
@@ -504,8 +499,8 @@ class LargeBatchTrainer(Trainer):
 
     def _hook_loss_scale(self) -> float:
         """The loss scale the hook gradients of this micro-batch carry, read once per micro-batch (a host sync on
-        GPU) and only when some algorithm listens to local gradients."""
-        return self._loss_scale() if self._wanted("on_local_gradient") else 1.0
+        GPU) and only when the hooks are wired."""
+        return self._loss_scale() if self._hooks_wanted else 1.0
 
     def _loss_scale(self) -> float:
         """The fp16 loss scale that hook and ``.grad`` values carry (1 without one): DeepSpeed's own loss scaler
@@ -515,28 +510,26 @@ class LargeBatchTrainer(Trainer):
         scaler = getattr(self.accelerator, "scaler", None)
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
+    # ------------------------------------------------------------------ the run
     def train(self, *args, **kwargs):
-        self._micro_step = 0
+        self.step = StepContext(shifts_labels=self._shifts_labels)
+        self._statistics = None
         self._index_listeners()  # callbacks may have been added since __init__
         check_composition(self.algorithms, self.run_plan())
-        if self._option("lr_scaling") == "adascale":
-            # The budget is the base run's: T_base optimizer steps at B0 (an upper bound, since the gain r >= 1).
-            if self.args.max_steps <= 0:
-                self.args.max_steps = math.ceil(self.args.num_train_epochs * self._update_steps_per_epoch()
-                                                * self.scale)
-        restore_args = self._start_adaptive_batch() if self._adaptive is not None else {}
-        if self._wanted("on_local_gradient"):
-            for name, param in self.model.named_parameters():
-                if param.requires_grad:
-                    self._grad_hook_handles.append(param.register_hook(self._local_gradient_hook(name, param)))
+        self._run = RunSetup(self.args, self.scale, self._update_steps_per_epoch,
+                             lambda: len(self.get_train_dataloader()))
         try:
+            self._fire("on_setup", run=self._run)
+            if self._hooks_wanted:
+                for name, param in self.model.named_parameters():
+                    if param.requires_grad:
+                        self._grad_hook_handles.append(param.register_hook(self._local_gradient_hook(name, param)))
             return super().train(*args, **kwargs)
         finally:
             for handle in self._grad_hook_handles:
                 handle.remove()
             self._grad_hook_handles = []
-            for name, value in restore_args.items():
-                setattr(self.args, name, value)
+            self._run.restore()
 
     def run_plan(self) -> RunPlan:
         """What the algorithms' checks may ask about this run (``composition.py``), from the arguments as the user
@@ -562,41 +555,27 @@ class LargeBatchTrainer(Trainer):
             user_scheduler=self.lr_scheduler is not None and not getattr(self, "_created_lr_scheduler", False),
             algorithms=tuple(alg.name for alg in self.algorithms), args=args)
 
-    def _start_adaptive_batch(self) -> dict:
-        """Hand the accumulation to the adaptive batch: HF's loop runs with 1 (one ``_StepBatches`` per step) and
-        ``max_steps`` counts micro-batches, the budget (``max_steps`` or ``num_train_epochs`` at the initial batch).
-        Returns the arguments to put back after ``train()``."""
-        args = self.args
-        saved = {"gradient_accumulation_steps": args.gradient_accumulation_steps, "max_steps": args.max_steps}
-        accumulation = args.gradient_accumulation_steps
-        if args.max_steps > 0:
-            budget = args.max_steps * accumulation
-        else:
-            budget = math.ceil(args.num_train_epochs * len(self.get_train_dataloader()))
-        self._adaptive.start(accumulation, args.per_device_train_batch_size, args.world_size, budget)
-        args.gradient_accumulation_steps = 1
-        if args.max_steps > 0:
-            args.max_steps = budget
-        return saved
-
     def _local_gradient_hook(self, name, param):
-        """The tensor hook of one parameter: hands its local micro-batch gradient to the listening algorithms.
-        It runs once per parameter per micro-batch, so the listeners' bound methods are looked up here, once."""
+        """The tensor hook of one parameter: hands its local micro-batch gradient to the statistics and the
+        listening algorithms. It runs once per parameter per micro-batch, so the listeners' bound methods are looked
+        up here, once."""
         listeners = [alg.on_local_gradient for alg in self._listeners["on_local_gradient"]]
 
         def hook(grad):
-            if not self._muted_hooks:
-                for listener in listeners:
-                    listener(self.args, self.state, self.control, name=name, param=param, grad=grad,
-                             weight=self._micro_weight)
+            if self._muted_hooks:
+                return
+            weight = self.step.micro_weight
+            if self._statistics is not None:
+                self._statistics.on_local_gradient(param, grad, weight)
+            for listener in listeners:
+                listener(self.args, self.state, self.control, name=name, param=param, grad=grad, weight=weight)
 
         return hook
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "learning_rate" in logs:
-            adaptive = self._adaptive
-            logs["scale"] = self.scale if adaptive is None else adaptive.batch_size / adaptive.base_batch_size
+            logs["scale"] = self.scale  # an algorithm that changes the batch logs its own
             for alg in self.algorithms:
                 logs.update(alg.log_metrics())
         super().log(logs, start_time)

@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
-from hf_largebatch.algorithms.adaptive_batch import AdaptiveBatch, LocalSGD
+from hf_largebatch import AdaptiveBatch, LocalSGD
 from helpers import IndexedClassifier, flat_params, indexed_points
 
 MICRO = 8

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from hf_largebatch.algorithms.conadv import ConAdv, ConAdvConfig
-from hf_largebatch.algorithms.extrapolation import local_gradient
-from helpers import flat_params, tiny_bert_classifier, token_dataset
+from hf_largebatch.core.local_gradients import local_gradient
+from helpers import conadv_batch, flat_params, tiny_bert_classifier, token_dataset
 
 
 def main():
@@ -32,7 +32,7 @@ def main():
         algorithm = ConAdv(ConAdvConfig(epsilon=0.05))
         params = list(ddp.module.parameters())
         for step in range(3):
-            algorithm.training_batch(ddp.module, data, seed=step, last_micro_batch=True, shift_labels=False)
+            conadv_batch(algorithm, ddp.module, data, step=step)
             local_gradient(ddp.module, params, lambda: ddp.module(**data)["loss"])
             local_passes += 2
     grads_before = [p.grad for p in ddp.parameters()]
