@@ -33,7 +33,8 @@ class LargeBatchArguments(TrainingArguments):
 
     optim: str = field(
         default=_HF_DEFAULT_OPTIM,
-        metadata={"help": "The optimizer: any of transformers' OptimizerNames, or lars | lamb | adamp (optim/lars_lamb_adamp.py; "
+        metadata={"help": "The optimizer: any of transformers' OptimizerNames, or lars | lamb | adamp "
+                          "(optim/lars_lamb_adamp.py; "
                           "their options through optim_args, e.g. 'trust_coefficient=0.001,momentum=0.9').",
                   "choices": [o.value for o in OptimizerNames] + list(LARGE_BATCH_OPTIMIZERS)},
     )

@@ -16,9 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .arguments import LargeBatchArguments
-from .reporting import LRHistory, plot_lr_and_loss
-from .core.trainer import LargeBatchTrainer
+from . import LargeBatchArguments, LargeBatchTrainer, LRHistory, plot_lr_and_loss  # the public API only
 
 
 class _TensorDataset(torch.utils.data.Dataset):
@@ -86,7 +84,8 @@ def run_demo(output_dir: str = "hf_largebatch_demo", base_batch_size: int = 16, 
         micro_batches = 2 if run.lr_scaling == "adascale" else 1  # AdaScale measures variance over micro-batches
         args = LargeBatchArguments(
             output_dir=os.path.join(output_dir, run.lr_scaling + f"_x{run.scale}"),
-            per_device_train_batch_size=batch // micro_batches, gradient_accumulation_steps=micro_batches, per_device_eval_batch_size=512, num_train_epochs=epochs,
+            per_device_train_batch_size=batch // micro_batches, gradient_accumulation_steps=micro_batches,
+            per_device_eval_batch_size=512, num_train_epochs=epochs,
             learning_rate=learning_rate, lr_scaling=run.lr_scaling, base_batch_size=base_batch_size,
             legw_base_warmup_epochs=base_warmup_epochs if run.lr_scaling == "legw" else 0.0,
             warmup_steps=run.warmup_steps if run.lr_scaling != "adascale" else base_warmup_epochs / epochs,

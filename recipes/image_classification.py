@@ -37,11 +37,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from transformers import HfArgumentParser, ResNetConfig, ResNetForImageClassification, set_seed
 
-from hf_largebatch import ConAdv, ConAdvConfig, LargeBatchArguments, LargeBatchTrainer
-from hf_largebatch.algorithms.conadv import evaluate_under_attack
+from hf_largebatch import (ConAdv, ConAdvConfig, LargeBatchArguments, LargeBatchTrainer, evaluate_under_attack,
+                           run_recipe, write_summary)
 from hf_largebatch.data.images import ImageClassificationDataset, check_available, load_image_splits
-from hf_largebatch.core.backends import run_recipe
-from hf_largebatch.reporting import write_summary
+
 
 # Small ResNets for 28-32 pixel images. HF's ResNet keeps its ImageNet stem (7x7 conv stride 2 + max-pool), so a
 # 32x32 image is 8x8 when it reaches the first stage: cheap on CPU, and a checkpoint reloads with plain

@@ -44,12 +44,11 @@ from dataclasses import dataclass, field
 
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, set_seed
 
-from hf_largebatch import ConAdvConfig, LargeBatchArguments, LargeBatchTrainer
-from hf_largebatch.algorithms.conadv import evaluate_under_attack
+from hf_largebatch import (ConAdvConfig, LargeBatchArguments, LargeBatchTrainer, evaluate_under_attack, run_recipe,
+                           write_summary)
 from hf_largebatch.data.text import LEVELS, Vocabulary, load_lm_corpus
 from hf_largebatch.models import LSTM_PRESETS, LSTMForCausalLM, LSTMLMConfig
-from hf_largebatch.core.backends import run_recipe
-from hf_largebatch.reporting import write_summary
+
 
 VOCAB_FILE = "vocab.json"
 ARCHITECTURE_FLAGS = ("embedding_size", "hidden_size", "num_layers", "tie_word_embeddings")

@@ -41,10 +41,9 @@ import numpy as np
 from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, GenerationConfig,
                           HfArgumentParser, MarianConfig, MarianMTModel, set_seed)
 
+from hf_largebatch import LargeBatchSeq2SeqArguments, LargeBatchSeq2SeqTrainer, run_recipe, write_summary
 from hf_largebatch.data.translation import load_pairs, multi30k_dir, multi30k_tokenizer
-from hf_largebatch.core.backends import run_recipe
-from hf_largebatch.reporting import write_summary
-from hf_largebatch.core.seq2seq_trainer import LargeBatchSeq2SeqArguments, LargeBatchSeq2SeqTrainer
+
 
 PRESETS = {
     "tiny": {"d_model": 128, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,

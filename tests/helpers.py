@@ -219,7 +219,12 @@ def event_trace_class():
             self._add("lr_factor")
             return 1.0
 
-    for event in ("on_local_gradient", "on_reduced_gradients", "on_step_loss", "on_lr_applied", "on_substep_end",
+        def gradient_sync_context(self, model, accelerator):
+            self._add("gradient_sync_context")
+
+    # every event but the owned ones (answering those would make the trace their owner and change the run)
+    for event in ("on_setup", "on_train_begin", "on_epoch_position", "on_train_step_begin", "on_local_gradient",
+                  "on_reduced_gradients", "on_step_loss", "on_before_update", "on_lr_applied", "on_substep_end",
                   "on_pre_optimizer_step", "on_optimizer_step", "on_step_end"):
         setattr(EventTrace, event, lambda self, args, state, control, _e=event, **kw: self._add(_e))
     return EventTrace

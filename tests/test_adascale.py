@@ -105,7 +105,8 @@ def test_fp16_overflowed_steps_make_no_progress(tmp_path):
     skipped = round(math.log2(2.0 ** 16 / trainer.accelerator.scaler.get_scale()))
     logs = [h for h in trainer.state.log_history if "adascale_gain" in h]
     increments = np.diff([0.0] + [h["progress"] for h in logs])
-    assert skipped >= 1 and trainer.algorithm("adascale").skipped_steps == skipped  # the inf step, and any fp16 overflow
+    # the inf step, and any fp16 overflow
+    assert skipped >= 1 and trainer.algorithm("adascale").skipped_steps == skipped
     assert (increments == 0).sum() == skipped
     moved = increments > 0
     np.testing.assert_allclose(increments[moved], np.array([h["adascale_gain"] for h in logs])[moved], rtol=1e-9)

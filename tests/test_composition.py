@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, NoiseScaleMonitor
+from hf_largebatch import Algorithm, Clock, LargeBatchArguments, LargeBatchTrainer, NoiseScaleMonitor
 from hf_largebatch.algorithms.adascale import AdaScale
 from hf_largebatch.algorithms.autowu import AutoWU
 from hf_largebatch import AdaptiveBatch, AdaptiveBatchConfig, LocalSGD
@@ -148,3 +148,21 @@ def test_user_scheduler_with_adaptive_batch_is_refused_at_train(tmp_path):
     with pytest.raises(ValueError, match=r"counts optimizer steps.*pass \(optimizer, None\)"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_two_algorithms_deciding_the_same_owned_event_are_refused():
+    """Only one algorithm may decide the schedule's clock (or a step's micro-batches, ...): two that do, and do not
+    exclude each other by name, are refused with both named, before any work."""
+
+    class ClockOnSamples(Algorithm):
+        name, option = "clock_on_samples", "callbacks=[ClockOnSamples()]"
+
+        def schedule_clock(self, num_training_steps):
+            return Clock(lambda: 0, "a schedule of samples")
+
+    class ClockOnTokens(ClockOnSamples):
+        name, option = "clock_on_tokens", "callbacks=[ClockOnTokens()]"
+
+    with pytest.raises(ValueError, match=r"ClockOnSamples .* and ClockOnTokens .* both decide schedule_clock"):
+        check_composition([ClockOnTokens(), ClockOnSamples()], plan(lr_scaling="none"))
+    check_composition([ClockOnSamples(), NoiseScaleMonitor()], plan(lr_scaling="none"))

@@ -153,25 +153,28 @@ def test_drop_last_keeps_training_batches_constant_but_evaluation_complete():
 
 TRACE_RUN = {"name": "trace", "model": "linear", "per_device": 4, "ga": 2, "steps": 2, "lr": 0.1,
              "callbacks": ["event_trace"], "args": {"lr_scaling": "none"}}
-_MICRO_0 = ["on_step_begin", "on_local_gradient", "on_micro_batch_end[0/2]", "on_substep_end", "on_local_gradient"]
-_UPDATE = ["on_pre_optimizer_step", "lr_factor", "on_lr_applied", "on_optimizer_step", "on_step_end"]
+_SETUP = ["on_setup", "on_train_begin", "on_epoch_position"]
+_MICRO_0 = ["on_step_begin", "gradient_sync_context", "on_train_step_begin", "on_local_gradient",
+            "on_micro_batch_end[0/2]", "on_substep_end", "gradient_sync_context", "on_local_gradient"]
+_UPDATE = ["on_pre_optimizer_step", "on_before_update", "lr_factor", "on_lr_applied", "on_optimizer_step",
+           "on_step_end"]
 EXPECTED_TRACES = {
     # single process and DDP: the reduced gradients are read after the last backward, the update runs after clipping
-    "single": (_MICRO_0 + ["on_micro_batch_end[1/2]", "on_reduced_gradients", "on_step_loss"] + _UPDATE) * 2,
-    "ddp": (_MICRO_0 + ["on_micro_batch_end[1/2]", "on_reduced_gradients", "on_step_loss"] + _UPDATE) * 2,
+    "single": _SETUP + (_MICRO_0 + ["on_micro_batch_end[1/2]", "on_reduced_gradients", "on_step_loss"] + _UPDATE) * 2,
+    "ddp": _SETUP + (_MICRO_0 + ["on_micro_batch_end[1/2]", "on_reduced_gradients", "on_step_loss"] + _UPDATE) * 2,
     # ZeRO-2: the engine steps the client optimizer inside the last backward, once per parameter group (here 2:
-    # with and without weight decay, so lr_factor is asked twice, on_lr_applied fires once); HF's
+    # with and without weight decay, so on_before_update and lr_factor come twice, on_lr_applied once); HF's
     # on_pre_optimizer_step comes after it all
-    "zero2": (_MICRO_0 + ["on_reduced_gradients", "lr_factor", "on_lr_applied", "lr_factor",
-                          "on_micro_batch_end[1/2]", "on_step_loss", "on_pre_optimizer_step", "on_optimizer_step",
-                          "on_step_end"]) * 2,
+    "zero2": _SETUP + (_MICRO_0 + ["on_before_update", "on_reduced_gradients", "lr_factor", "on_lr_applied",
+                                   "on_before_update", "lr_factor", "on_micro_batch_end[1/2]", "on_step_loss",
+                                   "on_pre_optimizer_step", "on_optimizer_step", "on_step_end"]) * 2,
 }
 
 
 @pytest.mark.multiprocess
 def test_event_order_in_every_backend(tmp_path):
-    """The order in which an algorithm sees the events of a step, pinned per backend (the trace of the first two
-    steps of a 2-micro-batch run), including lr_factor and on_lr_applied around the update."""
+    """The order in which an algorithm sees the events of a run, pinned per backend (set-up, then the first two
+    steps of a 2-micro-batch run), including on_before_update, lr_factor and on_lr_applied around the update."""
     from test_multiprocess import run_workers
     from workers.train_worker import run_one
 

@@ -99,14 +99,14 @@ class GradientNormAtUpdate(Algorithm):
         self.sq_norms.append(float(sum(p.grad.double().square().sum() for p in model.parameters())))
 
 
-def train(callbacks, output_dir=None, ga=2, steps=12, **extra):
-    args = LargeBatchArguments(output_dir=output_dir or tempfile.mkdtemp(), per_device_train_batch_size=8,
-                               gradient_accumulation_steps=ga, max_steps=steps, optim="sgd", learning_rate=0.1,
-                               lr_scheduler_type="constant", max_grad_norm=0.0, use_cpu=True, report_to=[],
-                               save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, **extra)
-    trainer = LargeBatchTrainer(model=MeanEstimator(), args=args, train_dataset=gaussian_points(),
-                                callbacks=callbacks)
-    trainer.train()
+def train(callbacks, output_dir=None, ga=2, steps=12, resume=None, **extra):
+    options = dict(output_dir=output_dir or tempfile.mkdtemp(), per_device_train_batch_size=8,
+                   gradient_accumulation_steps=ga, max_steps=steps, optim="sgd", learning_rate=0.1,
+                   lr_scheduler_type="constant", max_grad_norm=0.0, use_cpu=True, report_to=[], save_strategy="no",
+                   logging_steps=1, disable_tqdm=True, seed=0)
+    trainer = LargeBatchTrainer(model=MeanEstimator(), args=LargeBatchArguments(**{**options, **extra}),
+                                train_dataset=gaussian_points(), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -147,15 +147,10 @@ def test_the_new_algorithm_is_refused_where_it_cannot_work():
 
 
 def test_the_new_algorithm_resumes_exactly(tmp_path):
-    full = train([NoiseScaleClipping()], output_dir=str(tmp_path / "full"))
-    train([NoiseScaleClipping()], output_dir=str(tmp_path / "cut"), save_strategy="steps", save_steps=6)
-    resumed_clipping = NoiseScaleClipping()
-    args = LargeBatchArguments(output_dir=str(tmp_path / "cut"), per_device_train_batch_size=8,
-                               gradient_accumulation_steps=2, max_steps=12, optim="sgd", learning_rate=0.1,
-                               lr_scheduler_type="constant", max_grad_norm=0.0, use_cpu=True, report_to=[],
-                               save_strategy="no", disable_tqdm=True, seed=0)
-    resumed = LargeBatchTrainer(model=MeanEstimator(), args=args, train_dataset=gaussian_points(),
-                                callbacks=[resumed_clipping])
-    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-6"))
+    full = train([NoiseScaleClipping()])
+    train([NoiseScaleClipping()], output_dir=str(tmp_path), save_strategy="steps", save_steps=6)
+    resumed = train([NoiseScaleClipping()], output_dir=str(tmp_path), resume=str(tmp_path / "checkpoint-6"))
     assert torch.equal(resumed.model.w, full.model.w)
-    assert resumed_clipping.mean_sq == full.algorithm("noise_scale_clipping").mean_sq
+    clipping = resumed.algorithm("noise_scale_clipping")
+    assert clipping.mean_sq == full.algorithm("noise_scale_clipping").mean_sq
+    assert clipping.clipped_steps == full.algorithm("noise_scale_clipping").clipped_steps

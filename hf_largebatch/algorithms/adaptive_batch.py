@@ -9,13 +9,14 @@ if not, which batch would be:
     orthogonality  grow while E ||g_i - proj_g g_i||^2 / b > nu^2 ||g||^2
     augmented      the larger of inner_product and orthogonality
 
-``tr(Sigma)`` and ``||G||^2`` are the unbiased micro-batch estimates of ``core/statistics.py`` (section 0: no extra pass, one
-scalar all-reduce per step). The inner-product and orthogonality tests need per-example gradients: they are taken on
-the first ``test_examples`` examples of each rank's first micro-batch (one small backward each, at the step's
-weights: one forward of those examples, then one ``torch.autograd.grad`` per example's loss — no ``.grad`` written,
-no collective, BatchNorm normalising over the sub-batch as in training and its buffers restored), dotted
-with the step's gradient ``g`` and reduced as four scalars. Numerators and denominators are smoothed separately
-(bias-corrected EMA, ``smoothing``), never their ratio.
+``tr(Sigma)`` and ``||G||^2`` are the unbiased micro-batch estimates of the trainer's gradient statistics
+(``core/statistics.py``, section 0: no extra pass, one scalar all-reduce per step). The inner-product and
+orthogonality tests need per-example gradients: they are taken on the first ``test_examples`` examples of each
+rank's first micro-batch (one small backward each, at the step's weights: one forward of those examples, then one
+``torch.autograd.grad`` per example's loss — no ``.grad`` written, no collective, BatchNorm normalising over the
+sub-batch as in training and its buffers restored), dotted with the step's gradient ``g`` and reduced as four
+scalars. Numerators and denominators are smoothed separately (bias-corrected EMA, ``smoothing``), never their
+ratio.
 
 How the batch grows (through the trainer's events): the global batch is ``per_device_train_batch_size x
 accumulation x world_size`` and only the accumulation changes, at a step boundary, to the smallest value whose batch
@@ -363,7 +364,8 @@ class AdaptiveBatch(SmoothedNoiseScale):
                 / peak_lr_multiplier(self.lr_scaling, self.initial_batch_size / base))
 
     def log_metrics(self) -> dict[str, float]:
-        logs = {**super().log_metrics(), "scale": self.batch_size / self.base_batch_size, "batch_size": self.batch_size, "samples": self.samples_seen,
+        logs = {**super().log_metrics(), "scale": self.batch_size / self.base_batch_size,
+                "batch_size": self.batch_size, "samples": self.samples_seen,
                 "requested_batch": self.requested_batch}
         if self.test in EXAMPLE_TESTS and self.bar_sqr.count:
             logs.update(inner_product_var=self.inner_var.value, orthogonal_var=self.orth_var.value)

@@ -71,7 +71,8 @@ from ..core.statistics import SmoothedNoiseScale, require_two_micro_batches
 #: (``sqrt(v / (1 - beta2^t)) + eps``: torch's Adam/AdamW, our LAMB) or "eps_before" (``(sqrt(v) + eps) /
 #: sqrt(1 - beta2^t)``: pytorch_optimizer's AdamP). Looked up along the class's MRO (AdamW before Adam).
 _OPTIMIZER_KINDS = {torch.optim.SGD: None, lars_lamb_adamp.LARS: None, torch.optim.AdamW: "eps_after",
-                    torch.optim.Adam: "eps_after", lars_lamb_adamp.LAMB: "eps_after", lars_lamb_adamp.AdamP: "eps_before"}
+                    torch.optim.Adam: "eps_after", lars_lamb_adamp.LAMB: "eps_after",
+                    lars_lamb_adamp.AdamP: "eps_before"}
 
 
 #: AdamScale: a row enters the statistics once its second moment rests on this many steps that touched it.

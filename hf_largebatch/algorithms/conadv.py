@@ -231,7 +231,7 @@ def perturbation(model, inputs: dict, config: ConAdvConfig, generator: torch.Gen
 
 def concatenated_batch(inputs: dict, key: str, delta: torch.Tensor) -> dict:
     """``[clean; adversarial]`` along the batch: every tensor input twice, the perturbed one with ``delta`` added
-    to its second half (for ``input_ids`` the perturbation is added in the embedding, see ``embedding_perturbation``)."""
+    to its second half (for ``input_ids`` the perturbation is added in the embedding: ``embedding_perturbation``)."""
     batch = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
     if key != "input_ids":
         batch[key] = torch.cat([inputs[key], inputs[key] + delta.to(inputs[key].dtype)])

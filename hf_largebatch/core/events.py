@@ -84,7 +84,8 @@ EVENTS = ("on_setup", "gradient_measurement", "schedule_clock", "lr_lambda", "re
           "on_step_loss", "on_before_update", "lr_factor", "on_lr_applied")
 
 #: the events at most one algorithm of a run may answer
-OWNED_EVENTS = ("gradient_measurement", "schedule_clock", "lr_lambda", "resume_position", "micro_batches_for_step", "transform_micro_batch")
+OWNED_EVENTS = ("gradient_measurement", "schedule_clock", "lr_lambda", "resume_position", "micro_batches_for_step",
+                "transform_micro_batch")
 
 
 @dataclass(frozen=True)
