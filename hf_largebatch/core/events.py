@@ -26,11 +26,11 @@ uses the answer; ``[owner]``: at most one algorithm may answer, refused at ``tra
       on_micro_batches_drawn(micro_batches,         what this rank drew for the step
                              examples)
       on_step_begin                                 (HF)
-      on_train_step_begin(step, model, inputs,      after model.train(), before the first micro-batch; may move
-                          local_gradient,           the weights (EXTRAP-SGD's x~)
-                          scheduled_lr)
       per micro-batch k = 0..n-1
         gradient_sync_context(model, accelerator)   the backward's sync context (local SGD: no all-reduce)
+        on_train_step_begin(step, model, inputs,    k = 0 only: after model.train(), before the step's first
+                            local_gradient,         forward; may move the weights (EXTRAP-SGD's x~)
+                            scheduled_lr)
         transform_micro_batch(step, model, inputs)  [owner]  the batch to train on and the context of its
                                                     forward (ConAdv: [clean; adversarial])
         on_local_gradient(name, param, grad,        once per parameter, during backward: the *local, unreduced*
@@ -42,7 +42,7 @@ uses the answer; ``[owner]``: at most one algorithm may answer, refused at ``tra
                            num_micro_batches,       loss scale removed; ``p.grad`` is readable in single process
                            num_examples,            and DDP, ``None`` under DeepSpeed ZeRO (where this event fires
                            loss_scale, statistics,  from inside the optimizer step, before the update);
-                           [example_gradients])     ``statistics``: the step's ``GradientStatistics``
+                           [example_gradients])     ``statistics``: the step's ``StepStatistics``
       on_step_loss(loss)                            the step's loss averaged over micro-batches and ranks
       on_pre_optimizer_step                         (HF)
         on_before_update()                          inside optimizer.step, before the update (EXTRAP-SGD back to
@@ -60,8 +60,9 @@ algorithms actually present at ``train()``, however they were configured (argume
 combination is refused with the same message either way (``composition.check_composition``).
 
 An algorithm that sets ``needs_gradient_statistics`` (or ``needs_example_gradients``) gets the step's
-``GradientStatistics`` (or per-example gradients) in ``on_reduced_gradients``: one estimator per trainer, computed
-once per step for all its consumers. The expensive events (per-parameter gradient hooks, the reduced norm, the loss
+``StepStatistics`` (or per-example gradients) in ``on_reduced_gradients``: one estimator per trainer
+(``statistics.GradientStatistics``), computed once per step for all its consumers; ``keeps_gradients_local`` (local
+SGD) makes it estimate per worker. The expensive events (per-parameter gradient hooks, the reduced norm, the loss
 all-reduce) are only wired when some algorithm overrides them.
 """
 
@@ -118,7 +119,7 @@ class Algorithm(TrainerCallback):
     option: str = ""
     #: ``{name of another algorithm: why they cannot run together}``
     excludes: dict[str, str] = {}
-    #: receives the step's ``GradientStatistics`` in ``on_reduced_gradients`` (``statistics=``)
+    #: receives the step's ``StepStatistics`` in ``on_reduced_gradients`` (``statistics=``)
     needs_gradient_statistics: bool = False
     #: its backward never all-reduces (local SGD): the gradient statistics are then each worker's own
     keeps_gradients_local: bool = False

@@ -75,7 +75,7 @@ class LargeBatchTrainer(Trainer):
         base = self._option("base_batch_size")
         self.scale = 1.0 if base is None else batch_scale(self.global_batch_size, base)
         self._shifts_labels = loss_rules.shifts_labels(self.accelerator.unwrap_model(self.model))
-        self.step = StepContext(shifts_labels=self._shifts_labels)
+        self.step_context = StepContext(shifts_labels=self._shifts_labels)
         self._run: RunSetup | None = None
         self._statistics: GradientStatistics | None = None
         self._grad_hook_handles: list = []
@@ -196,7 +196,7 @@ class LargeBatchTrainer(Trainer):
 
     def _before_optimizer_step(self, optimizer, args, kwargs):
         # Under DeepSpeed ZeRO this runs once per param group (the engine steps groups one by one).
-        step = self.step
+        step = self.step_context
         self._fire("on_before_update")
         if not step.reduced_fired and self._listeners["on_reduced_gradients"]:
             self._fire_reduced_gradients()
@@ -210,7 +210,7 @@ class LargeBatchTrainer(Trainer):
         step.applied_lrs.extend(group["lr"] for group in optimizer.param_groups)
 
     def _after_optimizer_step(self, optimizer, args, kwargs):
-        step = self.step
+        step = self.step_context
         if not step.lr_applied_fired:  # under ZeRO the engine steps group by group: report group 0's LR once
             step.lr_applied_fired = True
             self._fire("on_lr_applied", learning_rate=step.applied_lrs[0])
@@ -220,8 +220,8 @@ class LargeBatchTrainer(Trainer):
             step.unscaled_group_lrs = None
 
     def _get_learning_rate(self) -> float:
-        if self.step.applied_lrs:
-            return self.step.applied_lrs[0]
+        if self.step_context.applied_lrs:
+            return self.step_context.applied_lrs[0]
         return super()._get_learning_rate()
 
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
@@ -299,7 +299,7 @@ class LargeBatchTrainer(Trainer):
         owner = self._owner["transform_micro_batch"]
         if owner is None:
             return self._training_loss(model, inputs, return_outputs, num_items_in_batch)
-        batch = owner.transform_micro_batch(self.args, self.state, self.control, step=self.step,
+        batch = owner.transform_micro_batch(self.args, self.state, self.control, step=self.step_context,
                                             model=self.accelerator.unwrap_model(model), inputs=inputs)
         with batch.context:
             return self._training_loss(model, batch.inputs, return_outputs, num_items_in_batch, copies=batch.copies)
@@ -311,7 +311,8 @@ class LargeBatchTrainer(Trainer):
         if self._loss_mode(labels) == "mean":
             # A per-micro-batch mean: the Trainer divides it by the micro-batches of this step; DDP averages ranks.
             self.loss_is_scaled_for_ga = False
-            self.step.micro_weight = 1.0 / self.current_gradient_accumulation_steps * self._hook_loss_scale()
+            self.step_context.micro_weight = (1.0 / self.current_gradient_accumulation_steps
+                                              * self._hook_loss_scale())
             return super().compute_loss(model, inputs, return_outputs)
         if num_items_in_batch is None:
             raise ValueError("loss_normalization='tokens' needs integer per-token `labels` in every batch")
@@ -322,7 +323,8 @@ class LargeBatchTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         if self._hooks_wanted:
             tokens = loss_rules.count_label_tokens(labels, self._shifts_labels)
-            self.step.micro_weight = float(world * tokens / (num_items_in_batch * copies)) * self._hook_loss_scale()
+            share = float(world * tokens / (num_items_in_batch * copies))
+            self.step_context.micro_weight = share * self._hook_loss_scale()
         return (loss, outputs) if return_outputs else loss
 
     def _mean_loss(self, model, inputs) -> torch.Tensor:
@@ -378,7 +380,7 @@ class LargeBatchTrainer(Trainer):
         return total
 
     def _micro_batch_step(self, model, inputs, num_items_in_batch):
-        step = self.step
+        step = self.step_context
         step.num_micro_batches = self.current_gradient_accumulation_steps
         if step.micro_step == 0:
             self._begin_step(model, inputs)
@@ -403,7 +405,7 @@ class LargeBatchTrainer(Trainer):
     def _begin_step(self, model, inputs) -> None:
         """Before the step's first micro-batch: a fresh step context and statistics, then ``on_train_step_begin``
         (with the model in training mode: HF's training_step sets it only after this)."""
-        self.step.begin()
+        self.step_context.begin()
         if self._needs_statistics:
             if self._statistics is None:  # after on_train_begin: the optimizer is known to the algorithms
                 owner = self._owner["gradient_measurement"]
@@ -414,11 +416,11 @@ class LargeBatchTrainer(Trainer):
         if self._listeners["on_train_step_begin"]:
             model.train()
             unwrapped = self.accelerator.unwrap_model(model)
-            self._fire("on_train_step_begin", step=self.step, model=unwrapped, inputs=inputs,
+            self._fire("on_train_step_begin", step=self.step_context, model=unwrapped, inputs=inputs,
                        local_gradient=partial(self._local_gradient, unwrapped, inputs),
                        scheduled_lr=self.lr_scheduler.get_last_lr()[0])
         if self._needs_example_gradients:
-            self.step.example_inputs = inputs  # the per-example gradients are taken on its first examples
+            self.step_context.example_inputs = inputs  # the per-example gradients are taken on its first examples
 
     def _local_gradient(self, model, inputs, params) -> list[torch.Tensor]:
         """This rank's gradient of its micro-batch's mean loss (``local_gradients.local_gradient``: no collective,
@@ -437,7 +439,7 @@ class LargeBatchTrainer(Trainer):
             self._muted_hooks = False
 
     def _fire_reduced_gradients(self) -> None:
-        step = self.step
+        step = self.step_context
         step.reduced_fired = True
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         loss_scale = self._loss_scale()
@@ -512,7 +514,7 @@ class LargeBatchTrainer(Trainer):
 
     # ------------------------------------------------------------------ the run
     def train(self, *args, **kwargs):
-        self.step = StepContext(shifts_labels=self._shifts_labels)
+        self.step_context = StepContext(shifts_labels=self._shifts_labels)
         self._statistics = None
         self._index_listeners()  # callbacks may have been added since __init__
         check_composition(self.algorithms, self.run_plan())
@@ -564,7 +566,7 @@ class LargeBatchTrainer(Trainer):
         def hook(grad):
             if self._muted_hooks:
                 return
-            weight = self.step.micro_weight
+            weight = self.step_context.micro_weight
             if self._statistics is not None:
                 self._statistics.on_local_gradient(param, grad, weight)
             for listener in listeners:
