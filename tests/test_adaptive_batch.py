@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
+from hf_largebatch import Algorithm, LargeBatchArguments, LargeBatchTrainer, LRHistory
 from hf_largebatch.algorithms.adaptive_batch import (AdaptiveBatch, AdaptiveBatchConfig, example_variances,
                                                     grown_accumulation, inner_product_test_batch, norm_test_batch,
                                                     orthogonality_test_batch)
@@ -264,3 +264,28 @@ def test_run_ends_with_a_final_checkpoint_and_evaluation(tmp_path, budget):
     assert grown and final < trainer.state.max_steps  # grew: fewer steps
     assert (tmp_path / f"checkpoint-{final}").is_dir()
     assert [h["step"] for h in trainer.state.log_history if "eval_loss" in h] == [final]
+
+
+def test_local_sgd_measures_the_statistics_only_at_synchronisation_rounds(tmp_path, monkeypatch):
+    """Local SGD communicates every H steps; the statistics' all-reduce must not add a collective to the steps in
+    between (the adaptive test reads them only at the rounds)."""
+    from hf_largebatch.core.statistics import GradientStatistics
+
+    measure, steps_measured = GradientStatistics.measure, []
+
+    def counting_measure(self, *args, **kwargs):
+        steps_measured.append(trainer_state[0].global_step)
+        return measure(self, *args, **kwargs)
+
+    monkeypatch.setattr(GradientStatistics, "measure", counting_measure)
+    trainer_state = []
+
+    class StateProbe(Algorithm):
+        name = "state_probe"
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            trainer_state.append(state)
+
+    trainer, _, _ = run(tmp_path, "norm", callbacks=[StateProbe()], local_sgd_steps=2, max_steps=8)
+    rounds = [step for step in range(trainer.state.global_step) if (step + 1) % 2 == 0]  # H = 2, 0-based steps
+    assert rounds and steps_measured == rounds

@@ -273,6 +273,11 @@ class AdaptiveBatch(SmoothedNoiseScale):
         base = self._base_batch_size or getattr(args, "base_batch_size", None)
         self.base_batch_size = base or self.initial_batch_size
 
+    def wants_statistics_at(self, global_step: int) -> bool:
+        """Every step (smoothed between tests), but under local SGD only at synchronisation rounds: the workers'
+        statistics are all-reduced there, where local SGD communicates anyway."""
+        return not self.local_sgd_steps or self.is_test_step(global_step)
+
     def is_test_step(self, global_step: int) -> bool:
         """Test at every ``test_interval``-th step; under local SGD at the steps that end with a synchronisation."""
         if self.local_sgd_steps:
@@ -282,10 +287,9 @@ class AdaptiveBatch(SmoothedNoiseScale):
     def on_reduced_gradients(self, args, state, control, *, grad_sq_norm, statistics, example_gradients=None,
                              **kwargs):
         self._device = grad_sq_norm.device  # where collectives run (a CUDA tensor under NCCL)
-        test_step = self.is_test_step(state.global_step)
-        if test_step or not self.local_sgd_steps:  # local SGD: the workers' statistics at synchronisation rounds
+        if statistics is not None:
             self.add(statistics)
-        if not test_step:
+        if not self.is_test_step(state.global_step):
             return
         if self.test in EXAMPLE_TESTS:
             self._example_statistics(example_gradients, float(grad_sq_norm))

@@ -298,7 +298,7 @@ class AdaScale(SmoothedNoiseScale):
         return torch.where(any_row, local_sum, nan), torch.where(any_row, torch.stack(reduced).sum(), nan)
 
     def on_reduced_gradients(self, args, state, control, *, statistics, **kwargs):
-        self.add(statistics)
+        super().on_reduced_gradients(args, state, control, statistics=statistics)
         if self.grad_sqr.count:  # the golden test: orthogonal gradients (||G||^2 estimate 0) give r = S
             self.gain = adascale_gain(self.grad_var.value, self.grad_sqr.value, self.step_scale)
 

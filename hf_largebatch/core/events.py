@@ -131,6 +131,11 @@ class Algorithm(TrainerCallback):
         """Raise ``ValueError`` naming the setting and the fix if this run (``composition.RunPlan``) cannot host
         the algorithm. Called at ``train()``, before any work."""
 
+    def wants_statistics_at(self, global_step: int) -> bool:
+        """With ``needs_gradient_statistics``: whether step ``global_step`` must be measured (its all-reduce is
+        skipped when no consumer wants it; ``statistics`` is then None)."""
+        return True
+
     # -- setup
     def on_setup(self, args, state, control, *, run, **kwargs):
         """At ``train()``, after the composition check: ``run`` is the trainer's ``RunSetup``."""

@@ -248,8 +248,9 @@ class SmoothedNoiseScale(Algorithm):
             theta = smoothing_for_scale(self.scale) if self._theta is None else self._theta
             self.grad_sqr, self.grad_var = BiasCorrectedEMA(theta), BiasCorrectedEMA(theta)
 
-    def on_reduced_gradients(self, args, state, control, *, statistics: StepStatistics, **kwargs):
-        self.add(statistics)
+    def on_reduced_gradients(self, args, state, control, *, statistics: StepStatistics | None, **kwargs):
+        if statistics is not None:  # None: a step no consumer asked to measure
+            self.add(statistics)
 
     def add(self, step: StepStatistics) -> None:
         """One step's estimates into the smoothed ones, at the step's own batch over B0. Skipped (the previous

@@ -104,7 +104,8 @@ class LargeBatchTrainer(Trainer):
         algorithms = self.algorithms
         self._listeners = {event: [alg for alg in algorithms if alg.overrides(event)] for event in EVENTS}
         self._owner = {event: next(iter(self._listeners[event]), None) for event in OWNED_EVENTS}
-        self._needs_statistics = any(alg.needs_gradient_statistics for alg in algorithms)
+        self._statistics_consumers = [alg for alg in algorithms if alg.needs_gradient_statistics]
+        self._needs_statistics = bool(self._statistics_consumers)
         self._needs_example_gradients = any(alg.needs_example_gradients for alg in algorithms)
         self._gradients_stay_local = any(alg.keeps_gradients_local for alg in algorithms)
         self._hooks_wanted = self._needs_statistics or bool(self._listeners["on_local_gradient"])
@@ -452,8 +453,9 @@ class LargeBatchTrainer(Trainer):
             sq = torch.as_tensor(float(norm), dtype=torch.float32) ** 2
         extra = {}
         if self._statistics is not None:
-            extra["statistics"] = self._statistics.measure(self.model, sq, self.current_gradient_accumulation_steps,
-                                                           step.examples, loss_scale)
+            wanted = any(alg.wants_statistics_at(self.state.global_step) for alg in self._statistics_consumers)
+            extra["statistics"] = (self._statistics.measure(self.model, sq, self.current_gradient_accumulation_steps,
+                                                            step.examples, loss_scale) if wanted else None)
         if step.example_inputs is not None:
             extra["example_gradients"] = partial(self._example_gradients, step.example_inputs, loss_scale)
         self._fire("on_reduced_gradients", model=self.model, grad_sq_norm=sq,
