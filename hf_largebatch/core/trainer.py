@@ -307,7 +307,8 @@ class LargeBatchTrainer(Trainer):
 
     def _training_loss(self, model, inputs, return_outputs, num_items_in_batch, copies: int = 1):
         """The split-invariant training loss (loss.py); ``copies``: the batch holds each example that many times
-        (ConAdv), which the token rule divides out (a per-micro-batch mean already averages them)."""
+        (a ``transform_micro_batch``'s ``MicroBatch.copies``), which the token rule divides out (a per-micro-batch
+        mean already averages them)."""
         labels = inputs.get("labels")
         if self._loss_mode(labels) == "mean":
             # A per-micro-batch mean: the Trainer divides it by the micro-batches of this step; DDP averages ranks.
@@ -537,7 +538,7 @@ class LargeBatchTrainer(Trainer):
 
     def run_plan(self) -> RunPlan:
         """What the algorithms' checks may ask about this run (``composition.py``), from the arguments as the user
-        gave them (before an adaptive batch takes the accumulation over)."""
+        gave them (before any algorithm's ``on_setup`` overrides them)."""
         args = self.args
         ds_config = backends.load_deepspeed_config(getattr(args, "deepspeed", None))
         if self.optimizer is not None:

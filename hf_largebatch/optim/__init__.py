@@ -1,0 +1,1 @@
+"""Large-batch optimisers: LARS, LAMB and AdamP (``optim="lars" | "lamb" | "adamp"``)."""
