@@ -10,9 +10,9 @@ Integration (thin; the maths is ``adascale_gain``):
 * the gain multiplies the LR inside the optimizer's ``step()`` of the *same* step whose statistics produced it
   (``lr_factor``, applied by ``LargeBatchTrainer`` in a step pre-hook and restored after), the one place that
   sees the step's statistics before the update in single process, DDP and DeepSpeed ZeRO alike;
-* the scheduler built by ``LargeBatchTrainer`` evaluates its LR lambda at ``floor(progress)``; the run's
-  ``max_steps`` is the base budget ``T_base`` (from ``num_train_epochs`` or ``max_steps`` at ``base_batch_size``), an
-  upper bound since ``r >= 1``;
+* the scheduler built by ``LargeBatchTrainer`` evaluates its LR lambda at ``floor(progress)`` (``schedule_clock``);
+  the run's ``max_steps`` is the base budget ``T_base`` (from ``num_train_epochs`` or ``max_steps`` at
+  ``base_batch_size``, set in ``on_setup``), an upper bound since ``r >= 1``;
 * evaluation and checkpoint cadence (``eval_strategy``/``save_strategy`` ``steps`` or ``epoch``) and the ``epoch``
   in logs are counted on progress, in base-batch steps and base epochs.
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -118,12 +119,25 @@ class StepStatistics:
         return cls(*unbiased_estimates(local_sq_mean, reduced_sq, n), n, examples)
 
 
-class GradientNorms:
-    """The default ``Measurement``: ``L`` from the norms of the hook gradients, ``T`` from the reduced gradient.
+class Measurement(Protocol):
+    """What the estimator measures: this rank's ``[sum_i w_i ||g_i||^2, sum_i w_i]`` over the step's micro-batches
+    and ``T``, for some notion of gradient (the gradients themselves, or AdamScale's preconditioned ones). ``w_i``
+    is the micro-batch's share of the reduced gradient (its loss weight over the world size); the hook gradient is
+    ``weight x g_i``."""
 
-    A measurement accumulates this rank's ``[sum_i w_i ||g_i||^2, sum_i w_i]`` over the step's micro-batches
-    (``add_local`` per parameter, ``end_micro_batch`` per micro-batch) and gives ``T`` at the reduced gradients;
-    ``w_i`` is the micro-batch's share of the reduced gradient (its loss weight over the world size)."""
+    def begin_step(self) -> None: ...
+
+    def add_local(self, param, grad: torch.Tensor, weight: float, share: float) -> None: ...
+
+    def end_micro_batch(self, weight: float, share: float) -> None:
+        """May be called twice for the last micro-batch (also when the reduced gradients arrive): add it once."""
+
+    def take(self, model, grad_sq_norm: torch.Tensor, loss_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the local sums as a 2-vector, ``T``) of the step, then start afresh."""
+
+
+class GradientNorms:
+    """The default ``Measurement``: ``L`` from the norms of the hook gradients, ``T`` from the reduced gradient."""
 
     def __init__(self):
         self._local_sq = None
@@ -148,9 +162,6 @@ class GradientNorms:
         sq = torch.stack(self._micro_norms).square().sum() * (share / (weight * weight))
         self._micro_norms = []
         step = torch.stack([sq, torch.as_tensor(share, dtype=torch.float32, device=sq.device)])
-        self._add(step)
-
-    def _add(self, step: torch.Tensor) -> None:
         self._local_sq = step if self._local_sq is None else self._local_sq + step
 
     def take(self, model, grad_sq_norm: torch.Tensor, loss_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +174,7 @@ class GradientNorms:
 class GradientStatistics:
     """The estimator: one per trainer, fed by the trainer, its ``StepStatistics`` shared by every consumer."""
 
-    def __init__(self, world_size: int, measurement=None, local_workers: bool = False):
+    def __init__(self, world_size: int, measurement: Measurement | None = None, local_workers: bool = False):
         self.world_size = world_size
         self.measurement = measurement or GradientNorms()
         self.local_workers = local_workers  # local SGD: each worker's own estimates, averaged
