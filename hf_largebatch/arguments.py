@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
@@ -15,7 +17,7 @@ from .algorithms.conadv import ADVERSARIAL_MODES, ConAdvConfig
 from .algorithms.extrapolation import EXTRAPOLATIONS
 from .core.loss import LOSS_NORMALIZATIONS
 from .optim.lars_lamb_adamp import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
-from .core.option_strings import option_name
+from .core.option_strings import option_name, require_positive_finite
 from .core.lr_scaling import SCALING_RULES, check_rule
 
 
@@ -121,6 +123,7 @@ class LargeBatchArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        self.check_batch_and_lr()
         check_rule(self.lr_scaling)
         self.check_lr_schedule()
         if self.loss_normalization not in LOSS_NORMALIZATIONS:
@@ -156,7 +159,46 @@ class LargeBatchArguments(TrainingArguments):
             self.optim = optim
             optimizer_cls_and_kwargs(optim, self.learning_rate, self.weight_decay, self.adam_beta1, self.adam_beta2,
                                      self.adam_epsilon, self.optim_args)  # a bad optim_args fails here, not later
+        elif self.optim_args:
+            self.check_hf_optim_args(optim)
         backends.check_world_size(self.world_size)
+
+    def check_batch_and_lr(self) -> None:
+        """Values that HF accepts and that then fail deep inside the first step (a division by zero, a sampler's
+        error) or train wrongly (a negative or nan learning rate)."""
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+            raise ValueError(f"learning_rate must be a finite number >= 0, got {self.learning_rate}")
+
+    def check_hf_optim_args(self, optim: str) -> None:
+        """HF parses ``optim_args`` per optimizer and silently drops the keys that optimizer does not read (a
+        typo such as 'momentun=0.9' for sgd trains without momentum); a value it cannot convert fails only when
+        the optimizer is built. Both are refused here: a key is kept only if removing it changes what HF builds."""
+        from transformers import Trainer
+
+        items = [item for item in self.optim_args.replace(" ", "").split(",") if item]
+        if any(item.count("=") != 1 for item in items):
+            raise ValueError(f"optim_args={self.optim_args!r}: expected 'key=value,key=value'")
+
+        def built(text):
+            saved, self.optim_args = self.optim_args, text
+            try:
+                return Trainer.get_optimizer_cls_and_kwargs(self)
+            finally:
+                self.optim_args = saved
+
+        try:
+            full = built(self.optim_args)
+        except ImportError:  # the optimizer's package is missing: HF says so when it builds it
+            return
+        except ValueError as error:
+            raise ValueError(f"optim_args={self.optim_args!r} for optim={optim!r}: {error}") from None
+        for item in items:
+            if built(",".join(other for other in items if other != item)) == full:
+                raise ValueError(f"optim_args key {item.split('=')[0]!r} is not read by optim={optim!r}, which "
+                                 "would drop it silently: check its spelling, or the optimizer's own arguments")
 
     def check_lr_schedule(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -184,8 +226,7 @@ class LargeBatchArguments(TrainingArguments):
         if self.extrapolation not in EXTRAPOLATIONS:
             raise ValueError(f"unknown extrapolation={self.extrapolation!r}; choose one of "
                              f"{', '.join(EXTRAPOLATIONS)}")
-        if self.extrapolation_ratio <= 0:
-            raise ValueError(f"extrapolation_ratio must be > 0, got {self.extrapolation_ratio}")
+        require_positive_finite(self.extrapolation_ratio, "extrapolation_ratio")
 
     def check_adaptive_batch(self) -> None:
         if self.adaptive_batch not in ADAPTIVE_TESTS:

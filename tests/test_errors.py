@@ -263,3 +263,49 @@ def test_tokens_normalization_with_classification_labels(tmp_path):
     assert re.search(r"loss_normalization='tokens' needs integer per-token", str(raised)), str(raised)
     assert trainer.state.global_step == 0
     assert_untouched(model, before)
+
+
+# ---------------------------------------------------------------- settings that used to pass or fail deep in a step
+@pytest.mark.parametrize("overrides, message", [
+    ({"adversarial": "conadv", "adversarial_args": "epsilon=nan"}, r"adversarial_args: epsilon must be a finite"),
+    ({"adversarial": "conadv", "adversarial_args": "epsilon=inf"}, r"adversarial_args: epsilon must be a finite"),
+    ({"extrapolation": "fresh", "extrapolation_ratio": float("nan")}, r"extrapolation_ratio must be a finite"),
+    ({"adaptive_batch": "norm", "adaptive_batch_args": "max_batch_size=64,eta=nan"},
+     r"adaptive_batch_args: eta must be a finite"),
+    ({"optim_args": "momentun=0.9"}, r"optim_args key 'momentun' is not read by optim='sgd'"),
+    ({"optim_args": "momentum=abc"}, r"optim_args='momentum=abc' for optim='sgd': .*'abc'"),
+    ({"optim_args": "momentum"}, r"optim_args='momentum': expected 'key=value"),
+    ({"gradient_accumulation_steps": 0}, r"gradient_accumulation_steps must be >= 1, got 0"),
+    ({"per_device_train_batch_size": 0}, r"per_device_train_batch_size must be >= 1, got 0"),
+    ({"learning_rate": -0.1}, r"learning_rate must be a finite number >= 0, got -0.1"),
+    ({"learning_rate": float("nan")}, r"learning_rate must be a finite number >= 0, got nan"),
+])
+def test_bad_numbers_and_keys_are_refused_at_arguments(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **overrides)
+
+
+def test_optim_args_that_sgd_reads_pass(tmp_path):
+    make_args(tmp_path, optim_args="momentum=0.9,nesterov=True")
+
+
+@pytest.mark.parametrize("examples", [0, 20])
+def test_a_dataset_smaller_than_one_global_batch_is_refused_before_any_step(tmp_path, examples):
+    model = TinyLinearClassifier()
+    before = snapshot(model)
+    data = random_points(max(examples, 1))
+    data.columns, data.n = {k: v[:examples] for k, v in data.columns.items()}, examples
+    trainer = LargeBatchTrainer(model=model, args=make_args(tmp_path, gradient_accumulation_steps=2, max_steps=2),
+                                train_dataset=data)
+    with pytest.raises(ValueError, match=rf"the training set has {examples} examples, fewer than one global batch "
+                                         r"\(32 = per_device_train_batch_size 16 x gradient_accumulation_steps 2 x "
+                                         r"world_size 1\)"):
+        trainer.train()
+    assert_untouched(model, before)
+
+
+def test_malformed_deepspeed_json_names_the_file(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 2,}}')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is not valid JSON \(line 1, column 35"):
+        backends.load_deepspeed_config(str(path))

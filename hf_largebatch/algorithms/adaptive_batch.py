@@ -42,7 +42,7 @@ import torch
 from ..core import backends
 from ..core.events import Clock, final_save_and_evaluation
 from ..core.lr_scaling import peak_lr_multiplier
-from ..core.option_strings import parse_key_values
+from ..core.option_strings import parse_key_values, require_positive_finite
 from ..core.statistics import BiasCorrectedEMA, SmoothedNoiseScale
 
 ADAPTIVE_TESTS = ("none", "norm", "inner_product", "augmented")
@@ -123,8 +123,7 @@ class AdaptiveBatchConfig:
             raise ValueError("adaptive_batch needs adaptive_batch_args 'max_batch_size=N' (the global batch it may "
                              "grow to; a multiple of per_device_train_batch_size x world_size)")
         for name in ("eta", "theta", "nu"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"adaptive_batch_args: {name} must be > 0, got {getattr(self, name)}")
+            require_positive_finite(getattr(self, name), f"adaptive_batch_args: {name}")
         if self.test_examples < 2:
             raise ValueError(f"adaptive_batch_args: test_examples must be >= 2, got {self.test_examples}")
         if not 0 <= self.smoothing < 1:

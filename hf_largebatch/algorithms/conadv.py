@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..core import backends
 from ..core import loss as loss_rules
 from ..core.events import Algorithm, MicroBatch
-from ..core.option_strings import parse_key_values
+from ..core.option_strings import parse_key_values, require_positive_finite
 
 ADVERSARIAL_MODES = ("none", "conadv", "sequential")
 _FLOAT_INPUTS = ("pixel_values", "input_values", "input_features")
@@ -71,9 +71,9 @@ class ConAdvConfig:
             raise ValueError("ConAdv needs exactly one of epsilon (in the model's input units, e.g. "
                              "adversarial_args='epsilon=0.1') or pixel_epsilon (in [0, 1] pixel units, e.g. "
                              "'pixel_epsilon=0.0314' for 8/255)")
-        radius = self.epsilon if self.epsilon is not None else self.pixel_epsilon
-        if radius <= 0 or (self.alpha is not None and self.alpha <= 0):
-            raise ValueError(f"ConAdv: epsilon and alpha must be > 0 (got {radius} and {self.alpha})")
+        for name in ("epsilon", "pixel_epsilon", "alpha"):
+            if getattr(self, name) is not None:
+                require_positive_finite(getattr(self, name), f"adversarial_args: {name}")
         if not 0.0 <= self.random_start <= 1.0:
             raise ValueError(f"ConAdv: random_start is a probability, got {self.random_start}")
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..core.events import Algorithm
+from ..core.option_strings import require_positive_finite
 
 EXTRAPOLATIONS = ("none", "fresh", "past", "noise")
 
@@ -75,8 +76,7 @@ class Extrapolation(Algorithm):
     def __init__(self, mode: str, ratio: float = 1.0):
         if mode not in EXTRAPOLATIONS[1:]:
             raise ValueError(f"unknown extrapolation={mode!r}; choose one of {', '.join(EXTRAPOLATIONS)}")
-        if ratio <= 0:
-            raise ValueError(f"extrapolation_ratio must be > 0, got {ratio}")
+        require_positive_finite(ratio, "extrapolation_ratio")
         self.mode = mode
         self.ratio = ratio
         self.option = f"extrapolation={mode!r}"

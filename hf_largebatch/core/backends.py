@@ -56,7 +56,11 @@ def load_deepspeed_config(deepspeed: str | dict | None) -> dict[str, Any] | None
     if not os.path.isfile(deepspeed):
         raise FileNotFoundError(f"DeepSpeed config {deepspeed!r} does not exist")
     with open(deepspeed) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"DeepSpeed config {deepspeed} is not valid JSON (line {error.lineno}, column "
+                             f"{error.colno}: {error.msg})") from None
 
 
 def check_deepspeed_config(config: dict[str, Any] | None) -> None:

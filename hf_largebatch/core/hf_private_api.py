@@ -82,6 +82,8 @@ PRIVATE_API: tuple[PrivateName, ...] = (
                 keywords=("sampler_fn", "is_training", "dataloader_key")),
     PrivateName(_TRAINER, "_save_optimizer_and_scheduler", "checkpoints hold the algorithms' state",
                 positional=("output_dir",)),
+    PrivateName(_TRAINER, "_save_rng_state", "crash-safe checkpoints: every rank's files are whole before "
+                "trainer_state.json, the last file written", positional=("output_dir",)),
     PrivateName(_TRAINER, "_load_optimizer_and_scheduler", "resume restores the algorithms' state",
                 positional=("checkpoint",)),
     PrivateName(_TRAINER, "_get_learning_rate", "the logged learning_rate is the LR the optimizer applied"),

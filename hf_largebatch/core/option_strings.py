@@ -4,6 +4,8 @@ starts; and HF's enum-valued options as the strings they stand for (``option_nam
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
@@ -40,3 +42,10 @@ def _convert(key: str, value: str, kind: type, option: str):
         except ValueError:
             pass
     raise ValueError(f"{option}: {key}={value!r} is not a {kind.__name__}")
+
+
+def require_positive_finite(value: float, what: str) -> None:
+    """Refuse ``value`` unless it is a finite number > 0 (``nan`` fails every comparison and passes ``<= 0``
+    checks silently); ``what`` names the setting, e.g. ``"adversarial_args: epsilon"``."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a finite number > 0, got {value}")

@@ -26,12 +26,14 @@ from functools import partial
 
 import torch
 from transformers import Trainer
+from transformers.utils import logging
 from transformers.optimization import get_scheduler
 
 from . import backends
 from . import loss as loss_rules
 from ..optim.lars_lamb_adamp import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
 from .backends import innermost_optimizer
+from .checkpoints import checkpoint_problem, newest_complete_checkpoint
 from .composition import RunPlan, check_composition
 from .events import EVENTS, OWNED_EVENTS, Algorithm
 from .lr_scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier, steps_per_epoch
@@ -41,6 +43,7 @@ from .statistics import GradientStatistics, reduced_sq_norm
 from .step import RunSetup, StepContext
 
 ALGORITHM_STATE_FILE = "hf_largebatch_algorithms_rank{rank}.pt"
+logger = logging.get_logger(__name__)
 
 #: the options the trainer itself reads, with their values under plain ``TrainingArguments``
 _DEFAULTS = {"lr_scaling": "none", "base_batch_size": None, "legw_base_warmup_epochs": 0.0,
@@ -516,10 +519,12 @@ class LargeBatchTrainer(Trainer):
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
     # ------------------------------------------------------------------ the run
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        resume_from_checkpoint = self._complete_checkpoint(resume_from_checkpoint)
         self.step_context = StepContext(shifts_labels=self._shifts_labels)
         self._statistics = None
         self._index_listeners()  # callbacks may have been added since __init__
+        self._check_training_set()
         check_composition(self.algorithms, self.run_plan())
         self._run = RunSetup(self.args, self.scale, self._update_steps_per_epoch,
                              lambda: len(self.get_train_dataloader()))
@@ -529,12 +534,46 @@ class LargeBatchTrainer(Trainer):
                 for name, param in self.model.named_parameters():
                     if param.requires_grad:
                         self._grad_hook_handles.append(param.register_hook(self._local_gradient_hook(name, param)))
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             for handle in self._grad_hook_handles:
                 handle.remove()
             self._grad_hook_handles = []
             self._run.restore()
+
+    def _complete_checkpoint(self, resume_from_checkpoint):
+        """``resume_from_checkpoint=True``: the newest *complete* checkpoint (``checkpoints.py``), naming the newer
+        ones skipped; a path: refused if that checkpoint is incomplete."""
+        if resume_from_checkpoint is True:
+            folder, skipped = newest_complete_checkpoint(self.args.output_dir)
+            for path, problem in skipped:
+                logger.warning(f"not resuming from {path}: {problem}")
+            if folder is None:
+                reasons = "".join(f"; {path}: {problem}" for path, problem in skipped)
+                raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from{reasons}")
+            return folder
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            problem = checkpoint_problem(str(resume_from_checkpoint))
+            if problem is not None and os.path.isdir(resume_from_checkpoint):
+                newest, _ = newest_complete_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint)))
+                hint = f"resume from {newest} instead" if newest else "no complete checkpoint is next to it"
+                raise ValueError(f"checkpoint {resume_from_checkpoint} is incomplete: {problem}; {hint} (or pass "
+                                 "resume_from_checkpoint=True for the newest complete one)")
+        return resume_from_checkpoint
+
+    def _check_training_set(self) -> None:
+        """A training set smaller than one global batch trains on short steps only (or on none, with
+        ``dataloader_drop_last``): refused before any work, as is an empty one."""
+        dataset = self.train_dataset
+        if dataset is None or not hasattr(dataset, "__len__"):
+            return
+        args = self.args
+        if len(dataset) < self.global_batch_size:
+            raise ValueError(
+                f"the training set has {len(dataset)} examples, fewer than one global batch ({self.global_batch_size}"
+                f" = per_device_train_batch_size {args.per_device_train_batch_size} x gradient_accumulation_steps "
+                f"{args.gradient_accumulation_steps} x world_size {args.world_size}): lower the batch or give more "
+                "data")
 
     def run_plan(self) -> RunPlan:
         """What the algorithms' checks may ask about this run (``composition.py``), from the arguments as the user
@@ -596,6 +635,12 @@ class LargeBatchTrainer(Trainer):
             os.makedirs(output_dir, exist_ok=True)
             torch.save({alg.name: alg.state_dict() for alg in algorithms}, self._algorithm_state_path(output_dir))
 
+    def _save_rng_state(self, output_dir: str) -> None:
+        # every rank's own files (algorithm state, RNG state) are whole before rank 0 writes trainer_state.json,
+        # the last file of a checkpoint: its presence marks a complete one (checkpoints.py)
+        super()._save_rng_state(output_dir)
+        self.accelerator.wait_for_everyone()
+
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
@@ -609,7 +654,11 @@ class LargeBatchTrainer(Trainer):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: this checkpoint holds no state for the algorithms "
                                     f"{[a.name for a in algorithms]}, so resuming would restart them")
-        states = torch.load(path, weights_only=True)
+        try:
+            states = torch.load(path, weights_only=True)
+        except Exception as error:  # a truncated or damaged file: torch's message does not name it
+            raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error}); the checkpoint is "
+                             "damaged: resume from an earlier one") from None
         for alg in algorithms:
             if alg.name not in states:
                 raise KeyError(f"checkpoint {checkpoint} has no state for algorithm {alg.name!r} "

@@ -1,0 +1,67 @@
+"""A kill at any moment leaves a resumable run: killed at a step or anywhere inside a checkpoint's save, the run
+resumed with ``resume_from_checkpoint=True`` ends bit-for-bit where the uninterrupted run ends (an AdaScale run:
+its progress, the optimizer and the LR schedule all resume). The kills are deterministic (the worker exits with
+status 137 at a chosen point: ``tests/workers/kill_worker.py``)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO
+
+KILL_POINTS = ["mid_step", "model", "optimizer", "algorithm_state", "trainer_state", "rotation"]
+
+
+def run(output_dir, point, result):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "kill_worker.py"), str(output_dir), point,
+                           str(result)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    proc = run(tmp / "out", "none", tmp / "result.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp / "result.json").read_text())
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_a_kill_at_any_moment_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted, point):
+    killed = run(tmp_path / "out", point, tmp_path / "unused.json")
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    resumed = run(tmp_path / "out", "resume", tmp_path / "result.json")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "result.json").read_text()) == uninterrupted
+
+
+def test_resume_true_skips_incomplete_checkpoints_and_names_them(tmp_path):
+    from hf_largebatch.core.checkpoints import newest_complete_checkpoint
+
+    for step, state in ((2, "{}"), (4, None), (6, '{"global_st')):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    folder, skipped = newest_complete_checkpoint(str(tmp_path))
+    assert folder == str(tmp_path / "checkpoint-2")
+    assert [(path.rsplit("-", 1)[1], problem.split(" ")[1]) for path, problem in skipped] == [("6", "is"),
+                                                                                            ("4", "is")]
+    assert "cut short" in skipped[0][1] and "missing" in skipped[1][1]
+
+
+def test_an_incomplete_checkpoint_given_by_path_is_refused(tmp_path):
+    from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
+    from helpers import TinyLinearClassifier, random_points
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-4").mkdir()
+    args = LargeBatchArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, use_cpu=True,
+                               report_to=[], save_strategy="no", disable_tqdm=True)
+    trainer = LargeBatchTrainer(model=TinyLinearClassifier(), args=args, train_dataset=random_points(64))
+    with pytest.raises(ValueError, match=r"checkpoint-4 is incomplete: trainer_state.json is missing .* resume from "
+                                         r".*checkpoint-2 instead"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
