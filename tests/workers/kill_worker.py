@@ -1,8 +1,10 @@
-"""Trains a tiny AdaScale run (checkpoints every 2 steps) and kills itself at a chosen point, or resumes.
+"""Trains a tiny AdaScale run (a checkpoint every 2 units of progress) and kills itself at a chosen point, or
+resumes.
 
-Usage: kill_worker.py OUTPUT_DIR KILL_POINT RESULT_JSON. KILL_POINT is one of KILL_POINTS (the process exits with
-status 137, as under SIGKILL, at that point of the second checkpoint's save, or after step 3), ``none`` (train to the end)
-or ``resume`` (``resume_from_checkpoint=True``, to the end). At the end it writes the final weights to RESULT_JSON.
+Usage: kill_worker.py OUTPUT_DIR KILL_POINT RESULT_JSON. KILL_POINT is a point of ``install`` (the process exits
+with status 137, as under SIGKILL, at that point of the second checkpoint's save, or after step 3), ``none`` (train
+to the end) or ``resume`` (``resume_from_checkpoint=True``, to the end). At the end it writes the final weights and
+AdaScale's progress to RESULT_JSON.
 """
 
 import json
