@@ -65,3 +65,43 @@ def test_an_incomplete_checkpoint_given_by_path_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint-4 is incomplete: trainer_state.json is missing .* resume from "
                                          r".*checkpoint-2 instead"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
+# ---------------------------------------------------------------- damaged checkpoints: an error naming the file
+def _checkpointed_adascale_run(output_dir):
+    from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
+    from helpers import TinyLinearClassifier, random_points
+
+    args = LargeBatchArguments(output_dir=str(output_dir), per_device_train_batch_size=8,
+                               gradient_accumulation_steps=2, max_steps=6, optim="sgd", learning_rate=0.1,
+                               lr_scaling="adascale", base_batch_size=8, save_strategy="steps", save_steps=2,
+                               use_cpu=True, report_to=[], disable_tqdm=True, seed=0)
+    trainer = LargeBatchTrainer(model=TinyLinearClassifier(), args=args, train_dataset=random_points(256))
+    trainer.train()
+    return trainer, sorted(output_dir.glob("checkpoint-*"))[0]
+
+
+def test_an_algorithm_state_missing_a_field_names_the_file_and_the_field(tmp_path):
+    import torch
+
+    trainer, checkpoint = _checkpointed_adascale_run(tmp_path)
+    path = checkpoint / "hf_largebatch_algorithms_rank0.pt"
+    states = torch.load(path, weights_only=True)
+    del states["adascale"]["progress"]
+    torch.save(states, path)
+    with pytest.raises(ValueError, match=rf"{path}: the state of algorithm 'adascale' lacks 'progress'"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_a_checkpoint_without_optimizer_state_is_refused_when_algorithms_resume(tmp_path):
+    trainer, checkpoint = _checkpointed_adascale_run(tmp_path)
+    (checkpoint / "optimizer.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no optimizer.pt .* restart the optimizer"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_a_conadv_state_without_its_attack_copy_is_refused():
+    from hf_largebatch import ConAdv, ConAdvConfig
+
+    with pytest.raises(KeyError, match="attack_model"):
+        ConAdv(ConAdvConfig(epsilon=0.1)).load_state_dict({})

@@ -345,9 +345,7 @@ class ConAdv(Algorithm):
         return {"attack_model": {k: v.detach().clone() for k, v in self.attack_model.state_dict().items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        weights = state.get("attack_model")
-        if weights is None:
-            return
+        weights = state["attack_model"]  # always saved after a step: never restart the stale copy silently
         if self.attack_model is None:
             self._pending_state = weights
         else:

@@ -26,6 +26,7 @@ from functools import partial
 
 import torch
 from transformers import Trainer
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.utils import logging
 from transformers.optimization import get_scheduler
 
@@ -642,6 +643,14 @@ class LargeBatchTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        if checkpoint is not None and self.algorithms and not self.is_deepspeed_enabled:
+            # HF skips both files silently when one is missing: fresh momentum and schedule with restored progress
+            missing = [name for name in (OPTIMIZER_NAME, SCHEDULER_NAME)
+                       if not os.path.isfile(os.path.join(checkpoint, name))]
+            if missing:
+                raise FileNotFoundError(f"checkpoint {checkpoint} has no {' and no '.join(missing)} (saved with "
+                                        "save_only_model, or damaged): resuming would restore the algorithms "
+                                        "but restart the optimizer and the LR schedule; resume from a full one")
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
             self._load_algorithm_states(checkpoint)
@@ -663,5 +672,9 @@ class LargeBatchTrainer(Trainer):
             if alg.name not in states:
                 raise KeyError(f"checkpoint {checkpoint} has no state for algorithm {alg.name!r} "
                                f"(it has {sorted(states)})")
-            alg.load_state_dict(states[alg.name])
+            try:
+                alg.load_state_dict(states[alg.name])
+            except KeyError as error:
+                raise ValueError(f"{path}: the state of algorithm {alg.name!r} lacks {error} (saved by another "
+                                 "version, or damaged): resume from a checkpoint this version wrote") from None
 
