@@ -169,7 +169,7 @@ def test_resume_with_past_gradient_is_exact(tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"extrapolation": "extragradient"}, "unknown extrapolation"),
-    ({"extrapolation_ratio": 0.0}, "extrapolation_ratio must be > 0"),
+    ({"extrapolation_ratio": 0.0}, "extrapolation_ratio must be a finite number > 0"),
 ])
 def test_bad_extrapolation_options_are_refused(tmp_path, kwargs, message):
     kwargs = {"extrapolation": "fresh", **kwargs}
