@@ -105,3 +105,32 @@ def test_a_conadv_state_without_its_attack_copy_is_refused():
 
     with pytest.raises(KeyError, match="attack_model"):
         ConAdv(ConAdvConfig(epsilon=0.1)).load_state_dict({})
+
+
+# ---------------------------------------------------------------- a resume with another batch or world size
+def _resume_with(checkpoint, output_dir, **overrides):
+    from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
+    from helpers import TinyLinearClassifier, random_points
+
+    options = dict(output_dir=str(output_dir), per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                   max_steps=6, optim="sgd", learning_rate=0.1, lr_scaling="adascale", base_batch_size=8,
+                   save_strategy="no", use_cpu=True, report_to=[], disable_tqdm=True, seed=0)
+    trainer = LargeBatchTrainer(model=TinyLinearClassifier(), args=LargeBatchArguments(**{**options, **overrides}),
+                                train_dataset=random_points(256))
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    return trainer
+
+
+def test_a_resume_with_another_global_batch_is_refused_naming_both(tmp_path):
+    _, checkpoint = _checkpointed_adascale_run(tmp_path)
+    with pytest.raises(ValueError, match=r"global_batch_size 16 -> 32, gradient_accumulation_steps 2 -> 4, scale 2.0 "
+                                         r"-> 4.0\): resuming would change S .* per_device_train_batch_size=8, "
+                                         r"gradient_accumulation_steps=2 on 1 processes"):
+        _resume_with(checkpoint, tmp_path, gradient_accumulation_steps=4)
+
+
+def test_another_split_of_the_same_global_batch_is_refused(tmp_path):
+    """Same B, other n: AdaScale's statistics (and its gains) would differ from the run that was interrupted."""
+    _, checkpoint = _checkpointed_adascale_run(tmp_path)
+    with pytest.raises(ValueError, match=r"per_device_train_batch_size 8 -> 4, gradient_accumulation_steps 2 -> 4\)"):
+        _resume_with(checkpoint, tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=4)

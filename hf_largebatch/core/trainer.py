@@ -44,6 +44,7 @@ from .statistics import GradientStatistics, reduced_sq_norm
 from .step import RunSetup, StepContext
 
 ALGORITHM_STATE_FILE = "hf_largebatch_algorithms_rank{rank}.pt"
+RUN_RECORD = "__run__"  # the key of the run's batch, world size and S in every rank's algorithm-state file
 logger = logging.get_logger(__name__)
 
 #: the options the trainer itself reads, with their values under plain ``TrainingArguments``
@@ -629,12 +630,19 @@ class LargeBatchTrainer(Trainer):
     def _algorithm_state_path(self, checkpoint_dir: str) -> str:
         return os.path.join(checkpoint_dir, ALGORITHM_STATE_FILE.format(rank=self.args.process_index))
 
+    def _run_record(self) -> dict:
+        """What a resume must not change: the global batch and its split (as configured), the world size, S."""
+        accumulation = (self._run.configured("gradient_accumulation_steps") if self._run is not None
+                        else self.args.gradient_accumulation_steps)
+        return {"global_batch_size": self.global_batch_size, "world_size": self.args.world_size,
+                "per_device_train_batch_size": self.args.per_device_train_batch_size,
+                "gradient_accumulation_steps": accumulation, "scale": self.scale}
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        algorithms = self.algorithms
-        if algorithms:
-            os.makedirs(output_dir, exist_ok=True)
-            torch.save({alg.name: alg.state_dict() for alg in algorithms}, self._algorithm_state_path(output_dir))
+        os.makedirs(output_dir, exist_ok=True)
+        states = {alg.name: alg.state_dict() for alg in self.algorithms}
+        torch.save({**states, RUN_RECORD: self._run_record()}, self._algorithm_state_path(output_dir))
 
     def _save_rng_state(self, output_dir: str) -> None:
         # every rank's own files (algorithm state, RNG state) are whole before rank 0 writes trainer_state.json,
@@ -655,7 +663,35 @@ class LargeBatchTrainer(Trainer):
         if checkpoint is not None:
             self._load_algorithm_states(checkpoint)
 
+    def _check_same_run(self, checkpoint: str) -> None:
+        """Refuse a resume with another global batch, split, world size or S: the scale-dependent state (AdaScale's
+        gain, the LR rule) would jump, HF would skip the data by a count of steps of another batch, and even another
+        split of the same batch changes the micro-batch statistics (their n). Checkpoints written before the record
+        existed are not checked."""
+        path = os.path.join(checkpoint, ALGORITHM_STATE_FILE.format(rank=0))
+        if not os.path.isfile(path):
+            return
+        saved = self._read_states(path).get(RUN_RECORD)
+        if saved is None or saved == self._run_record():
+            return
+        now = self._run_record()
+        changed = ", ".join(f"{key} {saved[key]} -> {now[key]}" for key in now if saved.get(key) != now[key])
+        raise ValueError(f"checkpoint {checkpoint} was written by a run with another batch or world size "
+                         f"({changed}): resuming would change S or the statistics and skip the data by the wrong "
+                         f"count. Resume with per_device_train_batch_size={saved['per_device_train_batch_size']}, "
+                         f"gradient_accumulation_steps={saved['gradient_accumulation_steps']} on "
+                         f"{saved['world_size']} processes")
+
+    @staticmethod
+    def _read_states(path: str) -> dict:
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as error:  # a truncated or damaged file: torch's message does not name it
+            raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error}); the checkpoint is "
+                             "damaged: resume from an earlier one") from None
+
     def _load_algorithm_states(self, checkpoint: str) -> None:
+        self._check_same_run(checkpoint)
         algorithms = self.algorithms
         if not algorithms:
             return
@@ -663,11 +699,7 @@ class LargeBatchTrainer(Trainer):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: this checkpoint holds no state for the algorithms "
                                     f"{[a.name for a in algorithms]}, so resuming would restart them")
-        try:
-            states = torch.load(path, weights_only=True)
-        except Exception as error:  # a truncated or damaged file: torch's message does not name it
-            raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error}); the checkpoint is "
-                             "damaged: resume from an earlier one") from None
+        states = self._read_states(path)
         for alg in algorithms:
             if alg.name not in states:
                 raise KeyError(f"checkpoint {checkpoint} has no state for algorithm {alg.name!r} "
