@@ -110,10 +110,9 @@ class LargeBatchTrainer(Trainer):
         self._listeners = {event: [alg for alg in algorithms if alg.overrides(event)] for event in EVENTS}
         self._owner = {event: next(iter(self._listeners[event]), None) for event in OWNED_EVENTS}
         self._statistics_consumers = [alg for alg in algorithms if alg.needs_gradient_statistics]
-        self._needs_statistics = bool(self._statistics_consumers)
         self._needs_example_gradients = any(alg.needs_example_gradients for alg in algorithms)
         self._gradients_stay_local = any(alg.keeps_gradients_local for alg in algorithms)
-        self._hooks_wanted = self._needs_statistics or bool(self._listeners["on_local_gradient"])
+        self._hooks_wanted = bool(self._statistics_consumers) or bool(self._listeners["on_local_gradient"])
 
     def _fire(self, event: str, **kwargs) -> None:
         for alg in self._listeners[event]:
@@ -151,9 +150,12 @@ class LargeBatchTrainer(Trainer):
 
     def _update_steps_per_epoch(self) -> int:
         """Optimizer steps per epoch at the accumulation the user configured (an algorithm may own it in train)."""
-        accumulation = (self._run.configured("gradient_accumulation_steps") if self._run is not None
-                        else self.args.gradient_accumulation_steps)
-        return steps_per_epoch(len(self.get_train_dataloader()), accumulation)
+        return steps_per_epoch(len(self.get_train_dataloader()), self._configured_accumulation())
+
+    def _configured_accumulation(self) -> int:
+        """The user's gradient_accumulation_steps, also while an algorithm's ``on_setup`` overrides it."""
+        return (self._run.configured("gradient_accumulation_steps") if self._run is not None
+                else self.args.gradient_accumulation_steps)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is not None:
@@ -366,6 +368,8 @@ class LargeBatchTrainer(Trainer):
 
     def _gradient_sync_context(self, model):
         """The algorithms' sync contexts for a backward that ends the step (local SGD: no all-reduce)."""
+        if not self._listeners["gradient_sync_context"]:
+            return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         for alg in self._listeners["gradient_sync_context"]:
             context = alg.gradient_sync_context(model, self.accelerator)
@@ -413,7 +417,7 @@ class LargeBatchTrainer(Trainer):
         """Before the step's first micro-batch: a fresh step context and statistics, then ``on_train_step_begin``
         (with the model in training mode: HF's training_step sets it only after this)."""
         self.step_context.begin()
-        if self._needs_statistics:
+        if self._statistics_consumers:
             if self._statistics is None:  # after on_train_begin: the optimizer is known to the algorithms
                 owner = self._owner["gradient_measurement"]
                 self._statistics = GradientStatistics(self.args.world_size,
@@ -632,11 +636,9 @@ class LargeBatchTrainer(Trainer):
 
     def _run_record(self) -> dict:
         """What a resume must not change: the global batch and its split (as configured), the world size, S."""
-        accumulation = (self._run.configured("gradient_accumulation_steps") if self._run is not None
-                        else self.args.gradient_accumulation_steps)
         return {"global_batch_size": self.global_batch_size, "world_size": self.args.world_size,
                 "per_device_train_batch_size": self.args.per_device_train_batch_size,
-                "gradient_accumulation_steps": accumulation, "scale": self.scale}
+                "gradient_accumulation_steps": self._configured_accumulation(), "scale": self.scale}
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
