@@ -196,11 +196,33 @@ def innermost_optimizer(optimizer):
 def run_recipe(main, *args) -> None:
     """Run a script's ``main`` and leave the process group on the way out, error or not (DeepSpeed ZeRO-3 can
     abort at interpreter exit otherwise); after a success, all ranks leave together (a rank tearing gloo down while
-    another still finishes its last collective aborts with "terminate called without an active exception")."""
+    another still finishes its last collective aborts with "terminate called without an active exception").
+
+    A successful distributed run then ends with ``os._exit(0)`` once the exit handlers have run and the streams are
+    flushed: torch 2.13's DDP constructor keeps the gloo process group alive past ``destroy_process_group`` (its two
+    run-loop threads and the TCP loop stay up; a bare DDP-wrapped ``Linear`` shows it), and destroying it among the
+    interpreter's static destructors aborts about one run in fifteen under CPU contention, after all work is done.
+    """
+    distributed = False
     try:
         main(*args)
-        if dist.is_available() and dist.is_initialized():
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
             dist.barrier()
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    if distributed:
+        _exit_without_static_destructors()
+
+
+def _exit_without_static_destructors() -> None:
+    import atexit
+    import logging
+    import sys
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from hf_largebatch.algorithms.conadv import ConAdv, ConAdvConfig
+from hf_largebatch.core.backends import run_recipe
 from hf_largebatch.core.local_gradients import local_gradient
 from helpers import conadv_batch, flat_params, tiny_bert_classifier, token_dataset
 
@@ -46,9 +47,7 @@ def main():
               "grads_equal_across_ranks": bool(torch.equal(gathered[0], gathered[1])),
               "params": flat_params(ddp.module).tolist()}
     Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

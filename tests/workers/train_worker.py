@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory, NoiseScaleMonitor
 from hf_largebatch.algorithms.adascale import AdaScale
-from hf_largebatch.core.backends import load_deepspeed_config, zero_stage
+from hf_largebatch.core.backends import load_deepspeed_config, run_recipe, zero_stage
 from helpers import (DictDataset, IndexedClassifier, digits_dataset, event_trace_class, flat_params,
                      freeze_batchnorm_statistics, indexed_points, tiny_bert_classifier, tiny_gpt2_lm, tiny_resnet, token_dataset,
                      zipf_token_classification)
@@ -121,9 +121,7 @@ def main():
     results = {run["name"]: run_one(run, deepspeed) for run in spec["runs"]}
     rank = dist.get_rank()
     (out / f"rank{rank}.json").write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)
