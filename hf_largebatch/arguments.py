@@ -16,6 +16,7 @@ from .algorithms.adaptive_batch import ADAPTIVE_TESTS, AdaptiveBatchConfig
 from .algorithms.conadv import ADVERSARIAL_MODES, ConAdvConfig
 from .algorithms.extrapolation import EXTRAPOLATIONS
 from .core.loss import LOSS_NORMALIZATIONS
+from .core.nonfinite import NONFINITE_POLICIES, check_policy
 from .optim.lars_lamb_adamp import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
 from .core.option_strings import option_name, require_positive_finite
 from .core.lr_scaling import SCALING_RULES, check_rule
@@ -61,6 +62,14 @@ class LargeBatchArguments(TrainingArguments):
                           "cross-entropy summed and divided by the global count of label tokens), 'auto' (tokens "
                           "when labels are integer sequences, else mean).",
                   "choices": list(LOSS_NORMALIZATIONS)},
+    )
+    on_nonfinite_step: str = field(
+        default="skip",
+        metadata={"help": "A step whose gradient norm is NaN or inf (fp32, bf16): 'skip' drops its update (weights, "
+                          "optimizer state and BatchNorm statistics stay as before the step; counted in the logged "
+                          "nonfinite_steps), 'stop' raises before the update. fp16's loss scaler skips such steps "
+                          "under either; 25 consecutive ones stop any run.",
+                  "choices": list(NONFINITE_POLICIES)},
     )
     lr_schedule: str = field(
         default="hf",
@@ -129,6 +138,7 @@ class LargeBatchArguments(TrainingArguments):
         if self.loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(f"unknown loss_normalization={self.loss_normalization!r}; choose one of "
                              f"{', '.join(LOSS_NORMALIZATIONS)}")
+        check_policy(self.on_nonfinite_step)
         if self.base_batch_size is not None and self.base_batch_size <= 0:
             raise ValueError(f"base_batch_size must be a positive integer, got {self.base_batch_size}")
         if self.lr_scaling != "none" and self.base_batch_size is None:
@@ -154,6 +164,7 @@ class LargeBatchArguments(TrainingArguments):
         optim = option_name(self.optim)
         if optim in LARGE_BATCH_OPTIMIZERS:
             self.optim = "sgd"
+        backends.init_cpu_process_group(self)  # with ddp_timeout, before transformers starts it without
         super().__post_init__()
         if optim in LARGE_BATCH_OPTIMIZERS:
             self.optim = optim

@@ -81,6 +81,28 @@ def digits_dataset(n: int | None = None) -> DictDataset:
     return DictDataset(pixel_values=x, labels=y)
 
 
+class BatchNormClassifier(torch.nn.Module):
+    """An MLP with BatchNorm: running statistics that a forward on a NaN input poisons."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                        torch.nn.Linear(16, 4))
+
+    def forward(self, x, labels=None):
+        logits = self.body(x)
+        return {"logits": logits, "loss": torch.nn.functional.cross_entropy(logits, labels)}
+
+
+def poisoned_points(n: int = 64, poisoned=(5,)) -> DictDataset:
+    """``random_points`` with NaN inputs at the ``poisoned`` indices."""
+    data = random_points(n)
+    x = data.columns["x"].clone()
+    x[list(poisoned)] = float("nan")
+    return DictDataset(x=x, labels=data.columns["labels"])
+
+
 def tiny_resnet(seed: int = 0):
     from transformers import ResNetConfig, ResNetForImageClassification
 

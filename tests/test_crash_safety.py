@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from helpers import REPO
@@ -134,3 +135,45 @@ def test_another_split_of_the_same_global_batch_is_refused(tmp_path):
     _, checkpoint = _checkpointed_adascale_run(tmp_path)
     with pytest.raises(ValueError, match=r"per_device_train_batch_size 8 -> 4, gradient_accumulation_steps 2 -> 4\)"):
         _resume_with(checkpoint, tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=4)
+
+
+@pytest.mark.parametrize("budget", ["max_steps", "epochs", "adascale", "adaptive_batch"])
+def test_a_finished_run_resumed_trains_nothing(tmp_path, budget):
+    """A finished run resumed (``resume_from_checkpoint=True``, twice) trains nothing: its weights and step count
+    stay as saved. HF's own budgets (max_steps, epochs) hold; AdaScale's budget of progress and the adaptive batch's
+    budget of samples end a run before HF's max_steps, and resumed it took one more step each time."""
+    from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
+    from helpers import TinyLinearClassifier, flat_params, random_points
+
+    options = {"max_steps": {"max_steps": 4}, "epochs": {"num_train_epochs": 2},
+               "adascale": {"num_train_epochs": 2, "lr_scaling": "adascale", "base_batch_size": 8,
+                            "gradient_accumulation_steps": 2},
+               "adaptive_batch": {"num_train_epochs": 2, "adaptive_batch": "norm", "gradient_accumulation_steps": 2,
+                                  "adaptive_batch_args": "max_batch_size=32,eta=0.5"}}[budget]
+
+    def run(resume):
+        args = LargeBatchArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, optim="sgd",
+                                   learning_rate=0.1, save_strategy="epoch" if budget != "max_steps" else "steps",
+                                   save_steps=4, use_cpu=True, report_to=[], disable_tqdm=True, seed=0,
+                                   **options)
+        trainer = LargeBatchTrainer(model=TinyLinearClassifier(), args=args, train_dataset=random_points(32))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer.state.global_step, flat_params(trainer.model)
+
+    steps, weights = run(None)
+    for _ in range(2):
+        resumed_steps, resumed_weights = run(True)
+        assert resumed_steps == steps
+        np.testing.assert_array_equal(resumed_weights, weights)
+
+
+def test_ddp_timeout_holds_on_cpu(tmp_path):
+    """transformers builds the CPU process group without ``ddp_timeout``: a frozen rank held the others for 30
+    minutes (here: until the sleeping rank left). With ``LargeBatchArguments`` the wait ends at the timeout."""
+    from helpers import launch
+    from workers.timeout_worker import SLEEP
+
+    launch(str(REPO / "tests" / "workers" / "timeout_worker.py"), [str(tmp_path)])
+    result = json.loads((tmp_path / "rank0.json").read_text())
+    assert result["error"] is not None
+    assert result["waited"] < SLEEP / 2, result

@@ -18,6 +18,8 @@ pytestmark = pytest.mark.multiprocess
 LR_RUN = {"name": "lr", "model": "resnet", "per_device": 4, "ga": 2, "steps": 12, "lr": 0.1,
           "lr_scheduler_type": "cosine",
           "args": {"lr_scaling": "legw", "base_batch_size": 2, "legw_base_warmup_epochs": 1 / 16}}
+# One NaN example among 64 (4 steps of 2 x 8 per epoch, 2 epochs): the step holding it is skipped on both ranks.
+NAN_RUN = {"name": "nan", "model": "poisoned", "per_device": 8, "ga": 1, "steps": 8, "lr": 0.1}
 SPLIT_RUNS = [{"name": f"{kind}_ga{ga}", "model": kind, "per_device": 8 // ga, "ga": ga, "steps": 2}
               for kind in ("resnet", "bert", "gpt2") for ga in (1, 2)]
 
@@ -49,7 +51,12 @@ def assert_two_consistent_ranks(r0, r1):
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
-    return run_workers(tmp_path_factory.mktemp("ddp"), [LR_RUN, *SPLIT_RUNS])
+    return run_workers(tmp_path_factory.mktemp("ddp"), [LR_RUN, NAN_RUN, *SPLIT_RUNS])
+
+
+@pytest.fixture(scope="module", params=["ds_zero1.json", "ds_zero2.json", "ds_zero3.json"])
+def deepspeed_runs(request, tmp_path_factory):
+    return request.param, run_workers(tmp_path_factory.mktemp("ds"), [LR_RUN, NAN_RUN], deepspeed=request.param)
 
 
 @pytest.mark.parametrize("kind", ["resnet", "bert", "gpt2"])
@@ -68,11 +75,29 @@ def test_ddp_legw_lr_trajectory(ddp):
     np.testing.assert_allclose(r0["learning_rates"], expected_legw_lrs(), rtol=1e-12)
 
 
-@pytest.mark.parametrize("config", ["ds_zero1.json", "ds_zero2.json", "ds_zero3.json"])
-def test_deepspeed_legw_lr_trajectory_and_weights(tmp_path, ddp, config):
-    r0, r1 = (r["lr"] for r in run_workers(tmp_path, [LR_RUN], deepspeed=config))
+def test_deepspeed_legw_lr_trajectory_and_weights(deepspeed_runs, ddp):
+    r0, r1 = (r["lr"] for r in deepspeed_runs[1])
     assert_two_consistent_ranks(r0, r1)
     np.testing.assert_allclose(r0["learning_rates"], expected_legw_lrs(), rtol=1e-12)
     # Same data, same maths: DeepSpeed's partitioned update lands where DDP's does.
     np.testing.assert_allclose(r0["params"], ddp[0]["lr"]["params"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(r0["losses"], ddp[0]["lr"]["losses"], rtol=1e-5)
+
+
+def assert_nan_step_skipped(results):
+    r0, r1 = (r["nan"] for r in results)
+    assert_two_consistent_ranks(r0, r1)
+    assert np.isfinite(r0["params"]).all() and r0["buffers_finite"] and r1["buffers_finite"]
+    logged = [entry["nonfinite_steps"] for entry in r0["log_history"] if "nonfinite_steps" in entry]
+    assert len(logged) == 8 and logged[-1] == 2  # the poisoned example once per epoch
+
+
+def test_ddp_nan_example_skips_its_step_on_every_rank(ddp):
+    """The trainer drops the update on both ranks (the reduced gradient is NaN on both); BatchNorm's running
+    statistics kept, the ranks equal, the count logged."""
+    assert_nan_step_skipped(ddp)
+
+
+def test_deepspeed_nan_example_skips_its_step_on_every_rank(deepspeed_runs):
+    """DeepSpeed ZeRO in fp32 skips the update itself; the trainer counts it and keeps BatchNorm's statistics."""
+    assert_nan_step_skipped(deepspeed_runs[1])

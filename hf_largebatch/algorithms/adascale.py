@@ -238,6 +238,8 @@ class AdaScale(SmoothedNoiseScale):
         micro = len(train_dataloader)
         ga = args.gradient_accumulation_steps
         self._base_steps_per_epoch = steps_per_epoch(micro, ga) * self.scale
+        if self.progress >= state.max_steps:  # resumed from the run's final checkpoint: nothing left to train
+            control.should_training_stop = True
 
     # -- AdamScale: statistics of gradients preconditioned by the previous step's P
     def gradient_measurement(self) -> PreconditionedGradients | None:

@@ -35,6 +35,22 @@ def check_launch(environ: dict | None = None) -> None:
         )
 
 
+def init_cpu_process_group(args) -> None:
+    """Start a launched CPU run's process group with ``ddp_timeout``: transformers' CPU branch builds it without
+    one (torch's default, 30 minutes: a frozen rank holds every other that long). Accelerate then finds the group
+    started and keeps it. Only under a launcher that set ``WORLD_SIZE`` (torchrun, accelerate launch); DeepSpeed
+    and GPU runs get the timeout from transformers already."""
+    from datetime import timedelta
+
+    from transformers.utils import strtobool
+
+    on_cpu = args.use_cpu or strtobool(os.environ.get("ACCELERATE_USE_CPU", "False"))
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not on_cpu or args.deepspeed or not launched or not dist.is_available() or dist.is_initialized():
+        return
+    dist.init_process_group(backend=args.ddp_backend or "gloo", timeout=timedelta(seconds=args.ddp_timeout))
+
+
 def check_world_size(args_world_size: int, environ: dict | None = None) -> None:
     """The Trainer must see the same world as the launcher and ``torch.distributed``."""
     env = os.environ if environ is None else environ

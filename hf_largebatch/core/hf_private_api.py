@@ -86,6 +86,8 @@ PRIVATE_API: tuple[PrivateName, ...] = (
                 "trainer_state.json, the last file written", positional=("output_dir",)),
     PrivateName(_TRAINER, "_load_optimizer_and_scheduler", "resume restores the algorithms' state",
                 positional=("checkpoint",)),
+    PrivateName(_TRAINER, "_get_grad_norm", "non-finite steps: the step's gradient norm, before the update, is "
+                "where a NaN/inf gradient is detected and its update dropped", positional=("model", "grad_norm")),
     PrivateName(_TRAINER, "_get_learning_rate", "the logged learning_rate is the LR the optimizer applied"),
     PrivateName(_TRAINER, "_prepare_inputs", "EXTRAP-SGD's local gradient pass moves its inputs to the device",
                 positional=("inputs",)),

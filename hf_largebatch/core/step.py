@@ -57,11 +57,12 @@ class StepContext:
     lr_applied_fired: bool = False
     unscaled_group_lrs: list[float] | None = None
     example_inputs: dict | None = None  # the step's first micro-batch, kept when per-example gradients are wanted
+    skip_update: bool = False  # a non-finite gradient: the optimizer must not apply it (nonfinite.py)
 
     def begin(self) -> None:
         """A new optimizer step (its first micro-batch)."""
         self.examples, self.loss_sum, self.applied_lrs = 0, None, []
-        self.reduced_fired = self.lr_applied_fired = False
+        self.reduced_fired = self.lr_applied_fired = self.skip_update = False
 
     @property
     def last_micro_batch(self) -> bool:

@@ -37,6 +37,7 @@ from .backends import innermost_optimizer
 from .checkpoints import checkpoint_problem, newest_complete_checkpoint
 from .composition import RunPlan, check_composition
 from .events import EVENTS, OWNED_EVENTS, Algorithm
+from .nonfinite import NonFiniteGuard
 from .lr_scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier, steps_per_epoch
 from .option_strings import option_name
 from .local_gradients import local_gradient, per_example_gradients
@@ -45,11 +46,12 @@ from .step import RunSetup, StepContext
 
 ALGORITHM_STATE_FILE = "hf_largebatch_algorithms_rank{rank}.pt"
 RUN_RECORD = "__run__"  # the key of the run's batch, world size and S in every rank's algorithm-state file
+NONFINITE_RECORD = "__nonfinite__"  # the key of the non-finite steps' count, in the same file
 logger = logging.get_logger(__name__)
 
 #: the options the trainer itself reads, with their values under plain ``TrainingArguments``
 _DEFAULTS = {"lr_scaling": "none", "base_batch_size": None, "legw_base_warmup_epochs": 0.0,
-             "loss_normalization": "auto", "lr_schedule": "hf"}
+             "loss_normalization": "auto", "lr_schedule": "hf", "on_nonfinite_step": "skip"}
 
 
 class _StepBatches(list):
@@ -85,6 +87,7 @@ class LargeBatchTrainer(Trainer):
         self._statistics: GradientStatistics | None = None
         self._grad_hook_handles: list = []
         self._muted_hooks = False
+        self._nonfinite = NonFiniteGuard(self._option("on_nonfinite_step"))
         build = getattr(self.args, "build_algorithms", None)
         if build is not None:  # the algorithms the options ask for and callbacks=[...] did not bring
             for algorithm in build(present=self.algorithms):
@@ -205,6 +208,11 @@ class LargeBatchTrainer(Trainer):
     def _before_optimizer_step(self, optimizer, args, kwargs):
         # Under DeepSpeed ZeRO this runs once per param group (the engine steps groups one by one).
         step = self.step_context
+        if step.skip_update:  # a non-finite gradient (nonfinite.py): the optimizer finds no gradient to apply
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None
+            return
         self._fire("on_before_update")
         if not step.reduced_fired and self._listeners["on_reduced_gradients"]:
             self._fire_reduced_gradients()
@@ -219,6 +227,8 @@ class LargeBatchTrainer(Trainer):
 
     def _after_optimizer_step(self, optimizer, args, kwargs):
         step = self.step_context
+        if step.skip_update:
+            return
         if not step.lr_applied_fired:  # under ZeRO the engine steps group by group: report group 0's LR once
             step.lr_applied_fired = True
             self._fire("on_lr_applied", learning_rate=step.applied_lrs[0])
@@ -226,6 +236,19 @@ class LargeBatchTrainer(Trainer):
             for group, lr in zip(optimizer.param_groups, step.unscaled_group_lrs):
                 group["lr"] = lr
             step.unscaled_group_lrs = None
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """HF's norm of the step's gradient, computed every step: a non-finite one makes the step skipped or stopped
+        (``nonfinite.py``), decided before ``optimizer.step()`` except under DeepSpeed, whose engine has stepped."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        deepspeed = self.is_deepspeed_enabled
+        scaler = (self.model_wrapped.fp16_enabled() if deepspeed
+                  else getattr(self.accelerator, "scaler", None) is not None)
+        skip = self._nonfinite.on_norm(grad_norm, self.state.global_step + 1, scaler=scaler,
+                                       applied=deepspeed and not self.accelerator.optimizer_step_was_skipped,
+                                       announce=self.is_world_process_zero())
+        self.step_context.skip_update = skip and not deepspeed and not scaler
+        return grad_norm
 
     def _get_learning_rate(self) -> float:
         if self.step_context.applied_lrs:
@@ -273,6 +296,8 @@ class LargeBatchTrainer(Trainer):
         return batch_samples, count
 
     def _run_epoch(self, **kwargs):
+        if self.control.should_training_stop:  # an algorithm's budget was spent before the run resumed
+            return None
         if self._listeners["on_epoch_position"]:  # where the sampler stands: HF skipped this many on resume
             resumed = kwargs["epoch"] == kwargs["epochs_trained"] and kwargs["resume_from_checkpoint"] is not None
             self._fire("on_epoch_position", epoch=kwargs["epoch"], steps_in_epoch=kwargs["steps_in_epoch"],
@@ -417,6 +442,7 @@ class LargeBatchTrainer(Trainer):
         """Before the step's first micro-batch: a fresh step context and statistics, then ``on_train_step_begin``
         (with the model in training mode: HF's training_step sets it only after this)."""
         self.step_context.begin()
+        self._nonfinite.snapshot(self.accelerator.unwrap_model(model))
         if self._statistics_consumers:
             if self._statistics is None:  # after on_train_begin: the optimizer is known to the algorithms
                 owner = self._owner["gradient_measurement"]
@@ -626,6 +652,7 @@ class LargeBatchTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "learning_rate" in logs:
             logs["scale"] = self.scale  # an algorithm that changes the batch logs its own
+            logs["nonfinite_steps"] = self._nonfinite.count
             for alg in self.algorithms:
                 logs.update(alg.log_metrics())
         super().log(logs, start_time)
@@ -644,7 +671,8 @@ class LargeBatchTrainer(Trainer):
         super()._save_optimizer_and_scheduler(output_dir)
         os.makedirs(output_dir, exist_ok=True)
         states = {alg.name: alg.state_dict() for alg in self.algorithms}
-        torch.save({**states, RUN_RECORD: self._run_record()}, self._algorithm_state_path(output_dir))
+        torch.save({**states, RUN_RECORD: self._run_record(), NONFINITE_RECORD: self._nonfinite.state_dict()},
+                   self._algorithm_state_path(output_dir))
 
     def _save_rng_state(self, output_dir: str) -> None:
         # every rank's own files (algorithm state, RNG state) are whole before rank 0 writes trainer_state.json,
@@ -695,13 +723,15 @@ class LargeBatchTrainer(Trainer):
     def _load_algorithm_states(self, checkpoint: str) -> None:
         self._check_same_run(checkpoint)
         algorithms = self.algorithms
-        if not algorithms:
-            return
         path = self._algorithm_state_path(checkpoint)
+        if not algorithms and not os.path.isfile(path):
+            return  # a checkpoint from before the file was always written: nothing to restore
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: this checkpoint holds no state for the algorithms "
                                     f"{[a.name for a in algorithms]}, so resuming would restart them")
         states = self._read_states(path)
+        if NONFINITE_RECORD in states:  # absent from checkpoints written before it was kept
+            self._nonfinite.load_state_dict(states[NONFINITE_RECORD])
         for alg in algorithms:
             if alg.name not in states:
                 raise KeyError(f"checkpoint {checkpoint} has no state for algorithm {alg.name!r} "

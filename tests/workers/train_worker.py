@@ -17,9 +17,9 @@ import torch.distributed as dist
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory, NoiseScaleMonitor
 from hf_largebatch.algorithms.adascale import AdaScale
 from hf_largebatch.core.backends import load_deepspeed_config, run_recipe, zero_stage
-from helpers import (DictDataset, IndexedClassifier, digits_dataset, event_trace_class, flat_params,
-                     freeze_batchnorm_statistics, indexed_points, tiny_bert_classifier, tiny_gpt2_lm, tiny_resnet, token_dataset,
-                     zipf_token_classification)
+from helpers import (BatchNormClassifier, DictDataset, IndexedClassifier, digits_dataset, event_trace_class,
+                     flat_params, freeze_batchnorm_statistics, indexed_points, poisoned_points, tiny_bert_classifier,
+                     tiny_gpt2_lm, tiny_resnet, token_dataset, zipf_token_classification)
 
 
 class MeanEstimator(torch.nn.Module):
@@ -49,6 +49,7 @@ MODELS = {
     "gaussian": (lambda: MeanEstimator(10),
                  lambda: points(0.5 + 2 * torch.randn(256, 10, generator=torch.Generator().manual_seed(0)))),
     "linear": (IndexedClassifier, lambda: indexed_points(256)),  # learnable labels, plain float inputs
+    "poisoned": (BatchNormClassifier, poisoned_points),  # one NaN example: its step must be skipped
 }
 CALLBACKS = {"adascale_raw": lambda: AdaScale(theta=0.0), "noise_monitor": NoiseScaleMonitor,
              "event_trace": event_trace_class()}
@@ -88,6 +89,7 @@ def run_one(run: dict, deepspeed: str | None) -> dict:
         "losses": history.losses,
         "fingerprints": fingerprints,
         "log_history": trainer.state.log_history,
+        "buffers_finite": all(bool(torch.isfinite(b).all()) for b in model.buffers() if b.is_floating_point()),
         "events": next((cb.events for cb in extra if hasattr(cb, "events")), None),
         "params": _gathered_params(trainer) if zero_stage(load_deepspeed_config(deepspeed)) == 3
         else flat_params(model).tolist(),
