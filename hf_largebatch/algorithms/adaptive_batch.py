@@ -40,7 +40,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..core import backends
-from ..core.events import Clock, final_save_and_evaluation
+from ..core.events import Algorithm, Clock, final_save_and_evaluation
 from ..core.lr_scaling import peak_lr_multiplier
 from ..core.option_strings import parse_key_values, require_positive_finite
 from ..core.statistics import BiasCorrectedEMA, SmoothedNoiseScale
@@ -198,7 +198,8 @@ class AdaptiveBatch(SmoothedNoiseScale):
     def schedule_clock(self, num_training_steps: int) -> Clock:
         """The schedule counts samples, in steps of the initial batch."""
         return Clock(lambda: self.schedule_step, "adaptive_batch needs a schedule of samples",
-                     length=math.ceil(self.budget_micro_batches / self.initial_accumulation))
+                     length=math.ceil(self.budget_micro_batches / self.initial_accumulation),
+                     unit="steps of the initial batch's samples")
 
     def resume_position(self, steps_per_epoch: int) -> tuple[int, int]:
         """HF counts the position in steps x a fixed accumulation; ours is the sampler position itself."""
@@ -271,6 +272,9 @@ class AdaptiveBatch(SmoothedNoiseScale):
         # (not SmoothedNoiseScale's: the arguments' accumulation is ours by now, the smoothing is the config's)
         base = self._base_batch_size or getattr(args, "base_batch_size", None)
         self.base_batch_size = base or self.initial_batch_size
+
+    def settings(self) -> dict:
+        return {"test": self.test, **Algorithm.settings(self)}
 
     def wants_statistics_at(self, global_step: int) -> bool:
         """Every step (smoothed between tests), but under local SGD only at synchronisation rounds: the workers'

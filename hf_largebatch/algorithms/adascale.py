@@ -223,7 +223,8 @@ class AdaScale(SmoothedNoiseScale):
 
     def schedule_clock(self, num_training_steps: int) -> Clock:
         """The schedule runs on progress tau (base-batch steps), not on optimizer steps."""
-        return Clock(lambda: int(self.progress), "lr_scaling='adascale' needs a schedule of progress")
+        return Clock(lambda: int(self.progress), "lr_scaling='adascale' needs a schedule of progress",
+                     unit="base-batch steps of progress")
 
     def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)

@@ -301,6 +301,9 @@ class ConAdv(Algorithm):
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
 
+    def settings(self) -> dict:
+        return {"mode": self.mode, **super().settings()}
+
     def transform_micro_batch(self, args, state, control, *, step, model, inputs: dict) -> MicroBatch:
         """The ``[clean; adversarial]`` batch for this micro-batch and the context to run the model's forward in
         (the loss then averages the two halves: ``copies=2``).

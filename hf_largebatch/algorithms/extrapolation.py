@@ -82,6 +82,9 @@ class Extrapolation(Algorithm):
         self.option = f"extrapolation={mode!r}"
         self.past: list[torch.Tensor] | None = None
         self._saved: list[torch.Tensor] | None = None
+
+    def settings(self) -> dict:
+        return {"mode": self.mode, "ratio": self.ratio}
         self._params: list[torch.Tensor] = []
         self._distance = 0.0
 

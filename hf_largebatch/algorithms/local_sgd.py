@@ -35,6 +35,9 @@ class LocalSGD(Algorithm):
         self._optimizer = None
         self._loaded_optimizer_state = None
 
+    def settings(self) -> dict:
+        return {"steps": self.steps}
+
     def check(self, plan) -> None:
         """Refuses DeepSpeed, and checkpoints or evaluations between synchronisation rounds."""
         if plan.backend == "deepspeed":

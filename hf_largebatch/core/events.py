@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
 import torch
@@ -93,11 +93,13 @@ OWNED_EVENTS = ("gradient_measurement", "schedule_clock", "lr_lambda", "resume_p
 class Clock:
     """The clock an LR schedule runs on: ``now()`` is the scheduler's step, ``length`` the schedule's length in
     that clock's steps (None: the trainer's count of optimizer steps); ``requirement`` says why, for the message
-    when the schedule cannot be re-clocked (not a ``LambdaLR``)."""
+    when the schedule cannot be re-clocked (not a ``LambdaLR``); ``unit`` names its steps (start-up summary,
+    progress bar)."""
 
     now: Callable[[], int]
     requirement: str
     length: int | None = None
+    unit: str = "optimizer steps"
 
 
 @dataclass
@@ -126,6 +128,12 @@ class Algorithm(TrainerCallback):
     #: receives ``example_gradients(count)`` in ``on_reduced_gradients`` (per-example gradients of the step's first
     #: micro-batch, at the step's weights)
     needs_example_gradients: bool = False
+
+    def settings(self) -> dict:
+        """What the start-up summary shows of this algorithm (``run_summary.py``): its ``config`` dataclass's
+        fields by default."""
+        config = getattr(self, "config", None)
+        return asdict(config) if is_dataclass(config) else {}
 
     def check(self, plan) -> None:
         """Raise ``ValueError`` naming the setting and the fix if this run (``composition.RunPlan``) cannot host

@@ -88,6 +88,10 @@ PRIVATE_API: tuple[PrivateName, ...] = (
                 positional=("checkpoint",)),
     PrivateName(_TRAINER, "_get_grad_norm", "non-finite steps: the step's gradient norm, before the update, is "
                 "where a NaN/inf gradient is detected and its update dropped", positional=("model", "grad_norm")),
+    PrivateName("transformers.trainer_callback:ProgressCallback", "training_bar", "the progress bar on the "
+                "schedule's clock (progress.py) moves and sizes HF's bar", used_in=("on_train_begin", "on_step_end")),
+    PrivateName("transformers.trainer_callback:ProgressCallback", "current_step", "the progress bar on the "
+                "schedule's clock (progress.py) counts from HF's position", used_in=("on_train_begin", "on_step_end")),
     PrivateName(_TRAINER, "_get_learning_rate", "the logged learning_rate is the LR the optimizer applied"),
     PrivateName(_TRAINER, "_prepare_inputs", "EXTRAP-SGD's local gradient pass moves its inputs to the device",
                 positional=("inputs",)),

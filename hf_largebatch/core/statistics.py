@@ -250,6 +250,9 @@ class SmoothedNoiseScale(Algorithm):
     def check(self, plan) -> None:
         require_two_micro_batches(plan, type(self).__name__)
 
+    def settings(self) -> dict:
+        return {"theta": "max(1 - S/1000, 0)" if self._theta is None else self._theta}
+
     def on_train_begin(self, args, state, control, **kwargs):
         base = self._base_batch_size or getattr(args, "base_batch_size", None)
         global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size

@@ -26,6 +26,7 @@ from functools import partial
 
 import torch
 from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.utils import logging
 from transformers.optimization import get_scheduler
@@ -38,6 +39,8 @@ from .checkpoints import checkpoint_problem, newest_complete_checkpoint
 from .composition import RunPlan, check_composition
 from .events import EVENTS, OWNED_EVENTS, Algorithm
 from .nonfinite import NonFiniteGuard
+from .progress import ClockProgressCallback
+from .run_summary import follow_process_log_level, format_summary, warmup_warning
 from .lr_scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier, steps_per_epoch
 from .option_strings import option_name
 from .local_gradients import local_gradient, per_example_gradients
@@ -88,6 +91,8 @@ class LargeBatchTrainer(Trainer):
         self._grad_hook_handles: list = []
         self._muted_hooks = False
         self._nonfinite = NonFiniteGuard(self._option("on_nonfinite_step"))
+        self._schedule_clock = None  # the clock the LR schedule runs on, when an algorithm owns it
+        self.run_summary: dict = {}  # what the library decided (run_summary.py), once the schedule is built
         build = getattr(self.args, "build_algorithms", None)
         if build is not None:  # the algorithms the options ask for and callbacks=[...] did not bring
             for algorithm in build(present=self.algorithms):
@@ -196,7 +201,37 @@ class LargeBatchTrainer(Trainer):
         if clock is not None:
             self._run_schedule_on(clock.now, clock.requirement)
         self._created_lr_scheduler = True
+        self._schedule_clock = clock
+        self._say_what_was_decided(multiplier, warmup if lr_lambda is None else 0, num_training_steps, clock,
+                                   shape_owner if lr_lambda is not None else None)
         return self.lr_scheduler
+
+    def _say_what_was_decided(self, multiplier, warmup, length, clock, shape_owner) -> None:
+        """The start-up summary (``run_summary.py``), logged once by the main process."""
+        base = self._option("base_batch_size")
+        self.run_summary = {
+            "global batch B": self.global_batch_size,
+            "split": f"{self.args.world_size} process(es) x {self._configured_accumulation()} micro-batch(es) x "
+                     f"{self.args.per_device_train_batch_size} examples",
+            "base batch B0": base if base is not None else "(not set: no scaling)",
+            "scale S": self.scale,
+            "rule": self._option("lr_scaling"),
+            "peak_lr": self.args.learning_rate * multiplier,
+            "schedule": (f"{shape_owner.name} (decides the LR as it goes)" if shape_owner is not None
+                         else option_name(self.args.lr_scheduler_type)),
+            "warmup": warmup,
+            "clock": clock.unit if clock is not None else "optimizer steps",
+            "schedule_length": length,
+            "on_nonfinite_step": self._option("on_nonfinite_step"),
+            "algorithms": {alg.name: alg.settings() for alg in self.algorithms},
+        }
+        if not self.is_world_process_zero():
+            return
+        follow_process_log_level(self.args.get_process_log_level())
+        logger.info(format_summary(self.run_summary))
+        warning = warmup_warning(self.run_summary)
+        if warning:
+            logger.warning(warning)
 
     def _run_schedule_on(self, clock, requirement: str) -> None:
         """Evaluate the scheduler's LR lambdas at ``clock()`` instead of at the optimizer step count."""
@@ -556,6 +591,7 @@ class LargeBatchTrainer(Trainer):
         self.step_context = StepContext(shifts_labels=self._shifts_labels)
         self._statistics = None
         self._index_listeners()  # callbacks may have been added since __init__
+        self._bar_on_the_schedule_clock()
         self._check_training_set()
         check_composition(self.algorithms, self.run_plan())
         self._run = RunSetup(self.args, self.scale, self._update_steps_per_epoch,
@@ -572,6 +608,13 @@ class LargeBatchTrainer(Trainer):
                 handle.remove()
             self._grad_hook_handles = []
             self._run.restore()
+
+    def _bar_on_the_schedule_clock(self) -> None:
+        """When an algorithm owns the schedule's clock, HF's progress bar becomes one on that clock (progress.py)."""
+        bar = next((cb for cb in self.callback_handler.callbacks if type(cb) is ProgressCallback), None)
+        if bar is not None and self._owner["schedule_clock"] is not None:
+            self.callback_handler.remove_callback(bar)
+            self.callback_handler.add_callback(ClockProgressCallback(lambda: self._schedule_clock))
 
     def _complete_checkpoint(self, resume_from_checkpoint):
         """``resume_from_checkpoint=True``: the newest *complete* checkpoint (``checkpoints.py``), naming the newer
