@@ -93,9 +93,10 @@ class LargeBatchArguments(TrainingArguments):
     )
     adversarial_args: str | None = field(
         default=None,
-        metadata={"help": "The attack as 'key=value,...': epsilon (model input units) or pixel_epsilon ([0, 1] "
-                          "pixels; the image recipe converts it), alpha (default eps), random_start (0.8), targeted "
-                          "(false), input_name (auto)."},
+        metadata={"help": "The attack as 'key=value,...': epsilon (model input units), pixel_epsilon ([0, 1] "
+                          "pixels, converted with the image processor's image_mean/image_std) or relative_epsilon "
+                          "(text: a fraction of the input embeddings' RMS), alpha (default eps, in the same units), "
+                          "random_start (0.8), targeted (false), input_name (auto)."},
     )
 
     extrapolation: str = field(

@@ -208,7 +208,8 @@ def test_resume_without_stale_weights_would_differ(tmp_path):
     ({"adversarial": "fgsm"}, "unknown adversarial"),
     ({"adversarial_args": None}, "exactly one of epsilon"),
     ({"adversarial_args": "epsilon=0.1,pixel_epsilon=0.03"}, "exactly one of epsilon"),
-    ({"adversarial_args": "eps=0.1"}, "valid keys: epsilon, pixel_epsilon"),
+    ({"adversarial_args": "eps=0.1"}, "valid keys: epsilon, pixel_epsilon, relative_epsilon"),
+    ({"adversarial_args": "relative_epsilon=0.1,epsilon=0.1"}, "exactly one of epsilon"),
     ({"adversarial_args": "epsilon=0.1,random_start=2"}, "probability"),
     ({"adversarial": "none", "adversarial_args": "epsilon=0.1"}, "adversarial is 'none'"),
 ])
@@ -218,9 +219,38 @@ def test_bad_adversarial_options_fail_at_arguments(tmp_path, kwargs, message):
 
 
 def test_pixel_epsilon_without_normalisation_fails_before_training(tmp_path):
-    with pytest.raises(ValueError, match="image_std"):
-        LargeBatchTrainer(model=tiny_resnet(), args=make_args(tmp_path, adversarial_args="pixel_epsilon=0.03"),
-                          train_dataset=digits_dataset(32))
+    model = tiny_resnet()
+    before = flat_params(model)
+    trainer = LargeBatchTrainer(model=model, args=make_args(tmp_path, adversarial_args="pixel_epsilon=0.03"),
+                                train_dataset=digits_dataset(32))
+    with pytest.raises(ValueError, match="image_std.*processing_class"):
+        trainer.train()
+    np.testing.assert_array_equal(flat_params(model), before)
+
+
+def test_pixel_epsilon_reads_the_normalisation_of_the_image_processor(tmp_path):
+    """An HF image script passes its image processor as processing_class: pixel_epsilon uses its mean and std."""
+    from transformers import ViTImageProcessor
+
+    processor = ViTImageProcessor(image_mean=[0.5], image_std=[0.25])
+    trainer = LargeBatchTrainer(model=tiny_resnet(), args=make_args(tmp_path, adversarial_args="pixel_epsilon=0.03",
+                                                                    max_steps=1),
+                                train_dataset=digits_dataset(32), processing_class=processor)
+    trainer.train()
+    config = trainer.algorithm("conadv").config
+    assert config.image_mean == (0.5,) and config.image_std == (0.25,)
+    eps, alpha = config.radius_and_step(torch.zeros(2, 1, 4, 4))
+    assert float(eps.flatten()[0]) == pytest.approx(0.03 / 0.25) and float(alpha.flatten()[0]) == pytest.approx(0.12)
+
+
+def test_relative_epsilon_is_a_fraction_of_the_embeddings_rms():
+    model = tiny_bert_classifier()
+    config = ConAdvConfig(relative_epsilon=0.1).resolved(model)
+    rms = float(model.get_input_embeddings().weight.detach().square().mean().sqrt())
+    assert config.embedding_rms == pytest.approx(rms)
+    data = token_dataset(16, 12, 64, 3).columns
+    _, delta, _ = perturbation(model, data, config, torch.Generator().manual_seed(0), shift_labels=False)
+    assert 0.99 * 0.1 * rms <= delta.abs().max() <= 0.1 * rms * (1 + 1e-4)  # float32 rounding of x + delta - x
 
 
 def test_callback_mode_must_match_arguments(tmp_path):

@@ -21,12 +21,8 @@ __all__ = ["AdaScale", "AdaptiveBatch", "AdaptiveBatchConfig", "AutoWU", "AutoWU
 
 
 def _conadv(args) -> ConAdv:
-    config = args.conadv_config()
-    if config.pixel_epsilon is not None and config.image_std is None:
-        raise ValueError("adversarial_args gives pixel_epsilon, which needs the images' per-channel std: pass "
-                         "callbacks=[ConAdv(args.conadv_config(image_mean=..., image_std=...), "
-                         "args.adversarial)] (the image recipe does), or give epsilon in input units")
-    return ConAdv(config, args.adversarial)
+    # pixel_epsilon's normalisation and relative_epsilon's RMS are read at train start (ConAdvConfig.resolved)
+    return ConAdv(args.conadv_config(), args.adversarial)
 
 
 #: (the algorithm's class, whether the options ask for it, how to build it from them), in the order they are added

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -47,12 +47,20 @@ _FLOAT_INPUTS = ("pixel_values", "input_values", "input_features")
 
 @dataclass
 class ConAdvConfig:
-    """The attack. Give the radius either as ``epsilon`` in the model's input units (normalised pixels, embedding
-    units) or as ``pixel_epsilon`` in [0, 1] pixel units, converted per channel with ``image_std`` (the image
-    recipe fills ``image_mean``/``image_std`` from its normalisation, and then also keeps x_adv a valid image)."""
+    """The attack. Give the radius as one of:
+
+    * ``epsilon``: in the model's input units (normalised pixels, embedding units);
+    * ``pixel_epsilon``: in [0, 1] pixel units, converted per channel with ``image_std`` (and x_adv kept a valid
+      image with ``image_mean``). Without them, they are read at train start from the trainer's image processor
+      (``processing_class.image_mean`` / ``image_std``, as HF's image scripts pass it); the image recipe gives them;
+    * ``relative_epsilon``: for text, a fraction of the RMS of the input-embedding table's entries (read at train
+      start), so one number means the same on any model: a signed step moves each embedding coordinate by
+      ``relative_epsilon x RMS``. There is no default: no paper behind this library gives an embedding-space radius,
+      and a silent default would train on an attack nobody chose."""
 
     epsilon: float | None = None
     pixel_epsilon: float | None = None
+    relative_epsilon: float | None = None
     #: step size, in the units of the radius given; default: the radius (alpha = eps)
     alpha: float | None = None
     #: fraction of examples whose attack starts from a uniform random point of the eps-ball (the rest from x)
@@ -63,15 +71,20 @@ class ConAdvConfig:
     input_name: str = "auto"
     image_mean: tuple[float, ...] | None = None
     image_std: tuple[float, ...] | None = None
+    #: the RMS of the input-embedding entries that ``relative_epsilon`` multiplies (``resolved`` sets it)
+    embedding_rms: float | None = None
 
-    _STRING_KEYS = ("epsilon", "pixel_epsilon", "alpha", "random_start", "targeted", "input_name")
+    _STRING_KEYS = ("epsilon", "pixel_epsilon", "relative_epsilon", "alpha", "random_start", "targeted",
+                    "input_name")
+    _RADII = ("epsilon", "pixel_epsilon", "relative_epsilon")
 
     def __post_init__(self):
-        if (self.epsilon is None) == (self.pixel_epsilon is None):
+        if sum(getattr(self, name) is not None for name in self._RADII) != 1:
             raise ValueError("ConAdv needs exactly one of epsilon (in the model's input units, e.g. "
-                             "adversarial_args='epsilon=0.1') or pixel_epsilon (in [0, 1] pixel units, e.g. "
-                             "'pixel_epsilon=0.0314' for 8/255)")
-        for name in ("epsilon", "pixel_epsilon", "alpha"):
+                             "adversarial_args='epsilon=0.1'), pixel_epsilon (in [0, 1] pixel units, e.g. "
+                             "'pixel_epsilon=0.0314' for 8/255) or relative_epsilon (text: a fraction of the input "
+                             "embeddings' RMS, e.g. 'relative_epsilon=0.1')")
+        for name in (*self._RADII, "alpha"):
             if getattr(self, name) is not None:
                 require_positive_finite(getattr(self, name), f"adversarial_args: {name}")
         if not 0.0 <= self.random_start <= 1.0:
@@ -83,12 +96,43 @@ class ConAdvConfig:
                  for f in fields(cls) if f.name in cls._STRING_KEYS}
         return cls(**parse_key_values(text, types, "adversarial_args"), **extra)
 
+    def resolved(self, model=None, processing_class=None) -> ConAdvConfig:
+        """This config with what train start knows: the image normalisation of ``processing_class`` for
+        ``pixel_epsilon`` (when not given), the embeddings' RMS for ``relative_epsilon``. Raises, before any step,
+        when either is needed and not found."""
+        updates = {}
+        if self.pixel_epsilon is not None and self.image_std is None:
+            mean, std = getattr(processing_class, "image_mean", None), getattr(processing_class, "image_std", None)
+            if std is not None and getattr(processing_class, "do_normalize", True) is False:
+                mean, std = 0.0, 1.0  # the processor does not normalise: model inputs are [0, 1] pixels
+            if std is None:
+                raise ValueError("pixel_epsilon needs the per-channel image_std the images were normalised with: pass "
+                                 "the image processor as LargeBatchTrainer(processing_class=...), give "
+                                 "ConAdvConfig(image_mean=..., image_std=...), or give epsilon in the model's input "
+                                 "units instead")
+            updates.update(image_mean=_as_tuple(mean), image_std=_as_tuple(std))
+        if self.relative_epsilon is not None and self.embedding_rms is None:
+            layer = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            if layer is None or getattr(layer, "weight", None) is None:
+                raise ValueError(f"relative_epsilon is a fraction of the input embeddings' RMS, but "
+                                 f"{type(model).__name__} has no get_input_embeddings() table; give epsilon instead")
+            updates["embedding_rms"] = float(layer.weight.detach().float().square().mean().sqrt())
+        return replace(self, **updates) if updates else self
+
     def radius_and_step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps, alpha) in the units of ``x``, shaped to broadcast over it (per channel for pixel_epsilon)."""
         alpha = self.alpha
-        if self.epsilon is not None:
-            eps = torch.tensor(self.epsilon, dtype=x.dtype, device=x.device)
-            return eps, eps if alpha is None else torch.tensor(alpha, dtype=x.dtype, device=x.device)
+        if self.epsilon is not None or self.relative_epsilon is not None:
+            if self.epsilon is not None:
+                eps, unit = self.epsilon, 1.0
+            else:
+                if self.embedding_rms is None:
+                    raise ValueError("relative_epsilon needs the embeddings' RMS: ConAdvConfig.resolved(model) (the "
+                                     "trainer calls it at train start)")
+                eps, unit = self.relative_epsilon * self.embedding_rms, self.embedding_rms
+            step = eps if alpha is None else alpha * unit
+            return (torch.tensor(eps, dtype=x.dtype, device=x.device),
+                    torch.tensor(step, dtype=x.dtype, device=x.device))
         if self.image_std is None:
             raise ValueError("pixel_epsilon needs image_std (the per-channel std the images were normalised with) "
                              "to convert it to the model's input units; or give epsilon in those units instead")
@@ -110,6 +154,10 @@ class ConAdvConfig:
             raise ValueError(f"image normalisation with {t.numel()} channel(s) does not fit inputs of shape "
                              f"{tuple(x.shape)} (batch, channels, ...)")
         return t.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _as_tuple(values) -> tuple[float, ...]:
+    return tuple(float(v) for v in values) if isinstance(values, (list, tuple)) else (float(values),)
 
 
 # ---------------------------------------------------------------------------------------------- functional core
@@ -304,6 +352,9 @@ class ConAdv(Algorithm):
     def settings(self) -> dict:
         return {"mode": self.mode, **super().settings()}
 
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self.config = self.config.resolved(model, processing_class)
+
     def transform_micro_batch(self, args, state, control, *, step, model, inputs: dict) -> MicroBatch:
         """The ``[clean; adversarial]`` batch for this micro-batch and the context to run the model's forward in
         (the loss then averages the two halves: ``copies=2``).
@@ -361,6 +412,7 @@ def evaluate_under_attack(trainer, dataset, config: ConAdvConfig, metric_key_pre
     (mean over examples or label tokens) and, for token labels, ``<prefix>_perplexity``. Random starts are seeded
     by batch, so two runs are attacked alike. Counts are summed over ranks."""
     model = trainer.accelerator.unwrap_model(trainer.model)
+    config = config.resolved(model, trainer.processing_class)
     was_training = model.training
     model.eval()
     shift = loss_rules.shifts_labels(model)
