@@ -174,6 +174,7 @@ class LargeBatchArguments(TrainingArguments):
         elif self.optim_args:
             self.check_hf_optim_args(optim)
         backends.check_world_size(self.world_size)
+        backends.check_fsdp_device(self)
 
     def check_batch_and_lr(self) -> None:
         """Values that HF accepts and that then fail deep inside the first step (a division by zero, a sampler's

@@ -187,6 +187,24 @@ def launch(script: str, args: list[str], nproc: int = 2, timeout: int = 600, env
     return proc
 
 
+def launch_nodes(script: str, args: list[str], nodes: int = 2, timeout: int = 600):
+    """Run ``script`` as ``nodes`` one-process "nodes" on this machine, as a multi-node launch does: one
+    ``torchrun --nnodes N`` per node, meeting through a c10d rendezvous on 127.0.0.1; raise with the output if any
+    fails."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false"}
+    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), full_env.get("PYTHONPATH", "")])
+    endpoint = f"127.0.0.1:{_free_port()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc_per_node", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "hf_largebatch_test", script, *args]
+    procs = [subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+             for _ in range(nodes)]
+    outputs = [proc.communicate(timeout=timeout) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        if proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}\n{err[-8000:]}")
+
+
 def _free_port() -> int:
     import socket
 

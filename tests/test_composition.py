@@ -166,3 +166,48 @@ def test_two_algorithms_deciding_the_same_owned_event_are_refused():
     with pytest.raises(ValueError, match=r"ClockOnSamples .* and ClockOnTokens .* both decide schedule_clock"):
         check_composition([ClockOnTokens(), ClockOnSamples()], plan(lr_scaling="none"))
     check_composition([ClockOnSamples(), NoiseScaleMonitor()], plan(lr_scaling="none"))
+
+
+# ---------------------------------------------------------------- FSDP
+FSDP = {"backend": "fsdp"}
+
+
+@pytest.mark.parametrize("algorithm, reason", [
+    (AdaScale, "reduce-scatters gradients during the backward"),
+    (NoiseScaleMonitor, "reduce-scatters gradients during the backward"),
+    (lambda: AdaptiveBatch("norm", AdaptiveBatchConfig(max_batch_size=64)), "reduce-scatters gradients"),
+    (lambda: ConAdv(ConAdvConfig(epsilon=0.1)), "full copy of the model"),
+    (lambda: Extrapolation("fresh"), "holds as shards"),
+    (lambda: LocalSGD(2), "no local step"),
+])
+def test_what_reads_local_gradients_or_whole_weights_is_refused_under_fsdp(algorithm, reason):
+    with pytest.raises(ValueError, match=f"is not supported under FSDP: .*{reason}"):
+        check_composition([algorithm()], plan(**FSDP))
+
+
+def test_lr_rules_and_autowu_pass_under_fsdp_and_trust_ratio_optimizers_do_not():
+    check_composition([], plan(**FSDP, lr_scaling="legw"))
+    check_composition([AutoWU()], plan(**FSDP, lr_schedule="autowu", lr_scaling="none"))
+    lars = LargeBatchArguments(output_dir="unused", use_cpu=True, report_to=[], optim="lars")
+    with pytest.raises(ValueError, match="optim='lars' is not supported under FSDP: its per-layer trust ratios"):
+        check_composition([], plan(**FSDP, lr_scaling="none", args=lars))
+
+
+def test_fsdp_on_cpu_is_refused_at_the_arguments():
+    """accelerate builds FSDP only on accelerators; on CPU transformers trained with DDP instead, silently."""
+    for options in ({"fsdp": "full_shard"}, {"fsdp": True, "fsdp_config": {"version": 2}}):
+        with pytest.raises(ValueError, match="fsdp with use_cpu: .*train with DDP instead, silently"):
+            LargeBatchArguments(output_dir="unused", use_cpu=True, report_to=[], **options)
+
+
+def test_an_fsdp_trainer_refuses_adascale_before_any_step(tmp_path):
+    """FSDP cannot run on CPU (see above), so this marks a CPU trainer as HF marks an FSDP one
+    (``is_fsdp_enabled``, set from accelerate's FSDP plugin): the run plan says fsdp and train() refuses."""
+    args = LargeBatchArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                               lr_scaling="adascale", base_batch_size=4, max_steps=2, use_cpu=True, report_to=[])
+    trainer = LargeBatchTrainer(model=TinyLinearClassifier(), args=args, train_dataset=random_points(64))
+    trainer.is_fsdp_enabled = True
+    assert trainer.run_plan().backend == "fsdp"
+    with pytest.raises(ValueError, match=r"AdaScale \(lr_scaling='adascale'\) is not supported under FSDP"):
+        trainer.train()
+    assert trainer.state.global_step == 0

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from helpers import REPO, launch, read_rank_results
+from helpers import REPO, launch, launch_nodes, read_rank_results
 from test_split_invariance import reference_params
 
 pytestmark = pytest.mark.multiprocess
@@ -30,14 +30,18 @@ def expected_legw_lrs(lr0=0.1, scale=8, warmup=8, total=12):
             peak * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup))) for t in range(total)]
 
 
-def run_workers(tmp_path, runs, deepspeed=None, deepspeed_fp16_on_cpu=False):
+def run_workers(tmp_path, runs, deepspeed=None, deepspeed_fp16_on_cpu=False, nodes=1):
     """``deepspeed``: a config of recipes/configs, or a path; ``deepspeed_fp16_on_cpu``: see
     ``workers/train_worker.py::allow_deepspeed_fp16_on_cpu``."""
     spec = {"runs": runs, "deepspeed_fp16_on_cpu": deepspeed_fp16_on_cpu}
     if deepspeed:
         spec["deepspeed"] = str(REPO / "recipes" / "configs" / deepspeed)  # an absolute path stays itself
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    launch("tests/workers/train_worker.py", [str(tmp_path / "spec.json"), str(tmp_path)])
+    worker_args = [str(tmp_path / "spec.json"), str(tmp_path)]
+    if nodes > 1:
+        launch_nodes("tests/workers/train_worker.py", worker_args, nodes)
+    else:
+        launch("tests/workers/train_worker.py", worker_args)
     return read_rank_results(tmp_path)
 
 
@@ -101,3 +105,14 @@ def test_ddp_nan_example_skips_its_step_on_every_rank(ddp):
 def test_deepspeed_nan_example_skips_its_step_on_every_rank(deepspeed_runs):
     """DeepSpeed ZeRO in fp32 skips the update itself; the trainer counts it and keeps BatchNorm's statistics."""
     assert_nan_step_skipped(deepspeed_runs[1])
+
+
+def test_two_nodes_train_as_the_two_rank_run(tmp_path, ddp):
+    """``torchrun --nnodes 2`` (two one-process nodes on this machine, c10d rendezvous on 127.0.0.1): S, the data
+    split and the LR rule use the global world, so the run equals the one-node, two-process run."""
+    r0, r1 = (r["lr"] for r in run_workers(tmp_path, [LR_RUN], nodes=2))
+    assert_two_consistent_ranks(r0, r1)
+    assert r0["scale"] == 8
+    np.testing.assert_allclose(r0["learning_rates"], expected_legw_lrs(), rtol=1e-12)
+    assert r0["fingerprints"] == ddp[0]["lr"]["fingerprints"] and r1["fingerprints"] == ddp[1]["lr"]["fingerprints"]
+    np.testing.assert_allclose(r0["params"], ddp[0]["lr"]["params"], rtol=0, atol=1e-7)

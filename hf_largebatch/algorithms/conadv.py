@@ -323,6 +323,7 @@ class ConAdv(Algorithm):
     """
 
     name = "conadv"
+    unsupported_under_fsdp = "the attack runs on a full copy of the model, which FSDP shards across ranks"
 
     def check(self, plan) -> None:
         """No ZeRO-3 (the attack copy is a full model), no ``compute_loss_func``, no other ``adversarial`` mode."""

@@ -59,6 +59,8 @@ class Extrapolation(Algorithm):
     ``on_step_end`` if the update was skipped, e.g. an fp16 overflow)."""
 
     name = "extrapolation"
+    unsupported_under_fsdp = ("the move to x~ and the local gradient of 'fresh' work on the full parameters, which "
+                              "FSDP holds as shards outside its forward and backward")
     excludes = {"conadv": "the adversarial attack would copy the extrapolated weights x~ as its 'previous step' "
                           "weights"}
 

@@ -19,6 +19,7 @@ class LocalSGD(Algorithm):
     final save and evaluation, wherever it falls."""
 
     name = "local_sgd"
+    unsupported_under_fsdp = "FSDP reduce-scatters every backward's gradients: there is no local step to take"
     excludes = {other: "both change what one optimizer step is; use lr_scaling none | linear | sqrt | legw with it"
                 for other in ("autowu", "conadv", "extrapolation")}
 

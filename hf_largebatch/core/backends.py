@@ -42,13 +42,25 @@ def init_cpu_process_group(args) -> None:
     and GPU runs get the timeout from transformers already."""
     from datetime import timedelta
 
-    from transformers.utils import strtobool
-
-    on_cpu = args.use_cpu or strtobool(os.environ.get("ACCELERATE_USE_CPU", "False"))
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if not on_cpu or args.deepspeed or not launched or not dist.is_available() or dist.is_initialized():
+    if not on_cpu(args) or args.deepspeed or not launched or not dist.is_available() or dist.is_initialized():
         return
     dist.init_process_group(backend=args.ddp_backend or "gloo", timeout=timedelta(seconds=args.ddp_timeout))
+
+
+def on_cpu(args) -> bool:
+    from transformers.utils import strtobool
+
+    return bool(args.use_cpu or strtobool(os.environ.get("ACCELERATE_USE_CPU", "False")))
+
+
+def check_fsdp_device(args) -> None:
+    """FSDP on CPU is refused: accelerate builds FSDP only on accelerators (GPU, XPU, NPU, ...), and transformers
+    then trains the CPU run with DDP, silently."""
+    if args.fsdp and on_cpu(args):
+        raise ValueError("fsdp with use_cpu: accelerate runs FSDP only on accelerators (GPU, XPU, NPU, ...), and "
+                         "on CPU transformers would train with DDP instead, silently. Drop --fsdp for a CPU run, or "
+                         "run on GPUs")
 
 
 def check_world_size(args_world_size: int, environ: dict | None = None) -> None:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
+from ..optim.lars_lamb_adamp import LARGE_BATCH_OPTIMIZERS
 from .events import OWNED_EVENTS
+from .option_strings import option_name
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,7 @@ class RunPlan:
     accumulation: int  # micro-batches per rank per step as configured (before an adaptive batch takes over)
     per_device_batch_size: int
     base_batch_size: int | None
-    backend: str  # "single" | "ddp" | "deepspeed"
+    backend: str  # "single" | "ddp" | "deepspeed" | "fsdp"
     zero_stage: int  # 0 outside DeepSpeed
     optimizer_cls: type | None  # the class of the optimizer the run will use (None: not importable here)
     lr_scaling: str
@@ -54,12 +56,28 @@ def describe(algorithm) -> str:
     return f"{type(algorithm).__name__}{option}"
 
 
+def check_fsdp(algorithms, plan: RunPlan) -> None:
+    """Under FSDP the LR rules (none / linear / sqrt / LEGW), AutoWU, the loss normalisation and the non-finite
+    guard act on what FSDP leaves whole (the LR, the loss, the global gradient norm); what reads or moves per-layer
+    or per-micro-batch gradients or weights is refused with its reason (``Algorithm.unsupported_under_fsdp``)."""
+    for algorithm in algorithms:
+        if algorithm.unsupported_under_fsdp:
+            raise ValueError(f"{describe(algorithm)} is not supported under FSDP: {algorithm.unsupported_under_fsdp}. "
+                             "Use DDP, or DeepSpeed ZeRO (recipes/configs/ds_zero2.json)")
+    optim = option_name(getattr(plan.args, "optim", ""))
+    if optim in LARGE_BATCH_OPTIMIZERS:
+        raise ValueError(f"optim={optim!r} is not supported under FSDP: its per-layer trust ratios need whole "
+                         "layers, and FSDP hands the optimizer shards. Use DDP")
+
+
 def check_composition(algorithms, plan: RunPlan) -> None:
     """Raise ``ValueError`` for the first algorithm the run cannot host or the first pair that cannot run together
     (in the order of their names, so the message does not depend on the order they were added in): a pair one of
     which ``excludes`` the other, or two algorithms answering the same owned event (``events.OWNED_EVENTS``: the
     schedule's clock, the micro-batches of a step, ...), which only one may decide."""
     algorithms = sorted(algorithms, key=lambda algorithm: algorithm.name)
+    if plan.backend == "fsdp":
+        check_fsdp(algorithms, plan)
     for algorithm in algorithms:
         algorithm.check(plan)
     for a, b in combinations(algorithms, 2):

@@ -119,6 +119,8 @@ class Algorithm(TrainerCallback):
     name: str = "algorithm"
     #: how a user turns it on, for messages (e.g. ``"lr_scaling='adascale'"``)
     option: str = ""
+    #: why the algorithm cannot run under FSDP (None: it can); ``check_composition`` refuses it there
+    unsupported_under_fsdp: str | None = None
     #: ``{name of another algorithm: why they cannot run together}``
     excludes: dict[str, str] = {}
     #: receives the step's ``StepStatistics`` in ``on_reduced_gradients`` (``statistics=``)

@@ -233,6 +233,9 @@ class SmoothedNoiseScale(Algorithm):
     ``theta`` defaults to AdaScale's ``max(1 - S/1000, 0)``."""
 
     needs_gradient_statistics = True
+    unsupported_under_fsdp = ("the statistics read each micro-batch's local gradient in tensor hooks before any "
+                              "reduction, but FSDP reduce-scatters gradients during the backward and its parameters "
+                              "are shards: the hooks would see reduced shards, not local micro-batch gradients")
     #: the reduced gradient is rank-local under local SGD (every backward under no_sync)
     excludes = {"local_sgd": "local SGD never all-reduces gradients, so the 'reduced' gradient T would be each rank's "
                              "own; adaptive_batch with local_sgd_steps measures the workers' local statistics instead"}

@@ -665,7 +665,8 @@ class LargeBatchTrainer(Trainer):
         return RunPlan(
             world_size=args.world_size, accumulation=args.gradient_accumulation_steps,
             per_device_batch_size=args.per_device_train_batch_size, base_batch_size=self._option("base_batch_size"),
-            backend="deepspeed" if ds_config else ("ddp" if args.world_size > 1 else "single"),
+            backend="deepspeed" if ds_config else "fsdp" if self.is_fsdp_enabled else (
+                "ddp" if args.world_size > 1 else "single"),
             zero_stage=backends.zero_stage(ds_config),
             optimizer_cls=optimizer_cls, lr_scaling=self._option("lr_scaling"),
             lr_schedule=self._option("lr_schedule"),
