@@ -368,7 +368,7 @@ class LargeBatchTrainer(Trainer):
         if owner is None:
             return self._training_loss(model, inputs, return_outputs, num_items_in_batch)
         batch = owner.transform_micro_batch(self.args, self.state, self.control, step=self.step_context,
-                                            model=self.accelerator.unwrap_model(model), inputs=inputs)
+                                            model=self.model, inputs=inputs)
         with batch.context:
             return self._training_loss(model, batch.inputs, return_outputs, num_items_in_batch, copies=batch.copies)
 
@@ -477,7 +477,8 @@ class LargeBatchTrainer(Trainer):
         """Before the step's first micro-batch: a fresh step context and statistics, then ``on_train_step_begin``
         (with the model in training mode: HF's training_step sets it only after this)."""
         self.step_context.begin()
-        self._nonfinite.snapshot(self.accelerator.unwrap_model(model))
+        # ``self.model`` is HF's core model (``unwrap_model`` costs ~0.45 ms: once per step showed in a 5 ms step)
+        self._nonfinite.snapshot(self.model)
         if self._statistics_consumers:
             if self._statistics is None:  # after on_train_begin: the optimizer is known to the algorithms
                 owner = self._owner["gradient_measurement"]
@@ -487,9 +488,8 @@ class LargeBatchTrainer(Trainer):
             self._statistics.begin_step()
         if self._listeners["on_train_step_begin"]:
             model.train()
-            unwrapped = self.accelerator.unwrap_model(model)
-            self._fire("on_train_step_begin", step=self.step_context, model=unwrapped, inputs=inputs,
-                       local_gradient=partial(self._local_gradient, unwrapped, inputs),
+            self._fire("on_train_step_begin", step=self.step_context, model=self.model, inputs=inputs,
+                       local_gradient=partial(self._local_gradient, self.model, inputs),
                        scheduled_lr=self.lr_scheduler.get_last_lr()[0])
         if self._needs_example_gradients:
             self.step_context.example_inputs = inputs  # the per-example gradients are taken on its first examples
@@ -540,7 +540,7 @@ class LargeBatchTrainer(Trainer):
 
         Per-example losses are the micro-batch's loss rule taken per example: cross-entropy over classes
         (``mean`` rule, integer class labels) or the example's mean token cross-entropy (``tokens`` rule)."""
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.model
         params = [p for p in model.parameters() if p.requires_grad]
         reduced = [torch.zeros_like(p) if p.grad is None else p.grad / loss_scale for p in params]
         size = _num_examples(inputs)
