@@ -267,3 +267,14 @@ def test_signed_gradient_perturbation_clips_to_the_ball():
     delta = signed_gradient_perturbation(lambda z: (z * torch.arange(1.0, 4.0)).sum(), x, eps, torch.tensor(0.5),
                                          1.0, False, torch.Generator().manual_seed(0))
     torch.testing.assert_close(delta, torch.full((4, 3), 0.1))  # alpha > eps: clipped to the radius
+
+
+def test_random_start_is_given_to_the_configured_fraction_of_examples():
+    """With alpha < eps, an example attacked from x moves by exactly alpha in every coordinate; one started at a
+    random point of the ball does not: the share of the latter is random_start (0.8), within 4.7 standard errors."""
+    n, eps, alpha = 4000, torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.01, dtype=torch.float64)
+    weight = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    delta = signed_gradient_perturbation(lambda z: (z * weight).sum(), torch.zeros(n, 3, dtype=torch.float64), eps,
+                                         alpha, 0.8, False, torch.Generator().manual_seed(0))
+    started = (~torch.isclose(delta, alpha * weight.sign())).any(dim=1).double().mean().item()
+    assert abs(started - 0.8) < 0.03

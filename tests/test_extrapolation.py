@@ -176,3 +176,19 @@ def test_bad_extrapolation_options_are_refused(tmp_path, kwargs, message):
     mode = kwargs.pop("extrapolation")
     with pytest.raises(ValueError, match=message):
         make_args(tmp_path, mode, **kwargs)
+
+
+def test_extrapolation_distance_is_the_ratio_times_the_steps_lr_times_the_direction_norm(tmp_path):
+    """gamma_t = extrapolation_ratio x eta_t, with eta_t this step's (decaying) LR: under 'past' the direction is
+    the previous step's reduced gradient (no clipping), so the logged distance is 0.5 x lr_t x grad_norm_(t-1)."""
+    trainer = LargeBatchTrainer(model=TinyLinearClassifier(),
+                                args=make_args(tmp_path, "past", steps=6, extrapolation_ratio=0.5,
+                                               lr_scheduler_type="linear"),
+                                train_dataset=random_points(256))
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "extrapolation_distance" in entry]
+    lrs = [entry["learning_rate"] for entry in logs]
+    assert len(logs) == 6 and len(set(lrs)) == 6 and logs[0]["extrapolation_distance"] == 0.0
+    for previous, entry in zip(logs, logs[1:]):
+        expected = 0.5 * entry["learning_rate"] * previous["grad_norm"]
+        assert entry["extrapolation_distance"] == pytest.approx(expected, rel=1e-5)

@@ -79,3 +79,21 @@ def test_every_public_class_is_exported():
     for name in algorithms | {"LargeBatchTrainer", "LargeBatchSeq2SeqTrainer", "LargeBatchArguments",
                               "LargeBatchSeq2SeqArguments"}:
         assert name in hf_largebatch.__all__ and getattr(hf_largebatch, name) is not None
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: hf_largebatch.AdaScale(), {"theta": "max(1 - S/1000, 0)"}),
+    (lambda: hf_largebatch.NoiseScaleMonitor(theta=0.5), {"theta": 0.5}),
+    (lambda: hf_largebatch.Extrapolation("past", 0.5), {"mode": "past", "ratio": 0.5}),
+    (lambda: hf_largebatch.LocalSGD(4), {"steps": 4}),
+    (lambda: hf_largebatch.ConAdv(hf_largebatch.ConAdvConfig(epsilon=0.1)), {"mode": "conadv", "epsilon": 0.1}),
+    (lambda: hf_largebatch.AdaptiveBatch("norm", hf_largebatch.AdaptiveBatchConfig(max_batch_size=64)),
+     {"test": "norm", "max_batch_size": 64}),
+    (lambda: hf_largebatch.AutoWU(), {"min_lr": 1e-5}),
+])
+def test_every_algorithm_reports_its_settings_and_metrics_before_its_first_step(make, expected):
+    """What the summary shows of each algorithm; and nothing it logs is left uninitialised by its constructor."""
+    algorithm = make()
+    settings = algorithm.settings()
+    assert {key: settings[key] for key in expected} == expected
+    assert isinstance(algorithm.log_metrics(), dict)

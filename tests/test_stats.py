@@ -215,3 +215,29 @@ def test_no_estimate_from_a_non_positive_squared_norm():
     feed_step(stats, [torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])], [0.5, 0.5])  # T = 0 < L / n
     assert stats.grad_sqr.value == 0.0 and not stats.has_estimate
     assert math.isnan(stats.noise_scale)
+
+
+def test_the_monitor_does_not_change_training(tmp_path):
+    """The noise-scale monitor is telemetry: a monitored run applies the same LRs and ends at the same weights as
+    the same run without it (with a non-zero, decaying LR, so an lr_factor or a stray update would show)."""
+    from helpers import TinyLinearClassifier, flat_params, random_points
+    from hf_largebatch import LRHistory
+
+    def run(callbacks):
+        history = LRHistory(0)
+        args = LargeBatchArguments(output_dir=str(tmp_path), per_device_train_batch_size=8,
+                                   gradient_accumulation_steps=2, max_steps=8, optim="sgd",
+                                   optim_args="momentum=0.9", learning_rate=0.2, lr_scheduler_type="linear",
+                                   use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0)
+        model = TinyLinearClassifier()
+        trainer = LargeBatchTrainer(model=model, args=args, train_dataset=random_points(256),
+                                    callbacks=[history, *callbacks])
+        trainer.train()
+        return history.learning_rates, flat_params(model)
+
+    monitor = NoiseScaleMonitor()
+    lrs, weights = run([monitor])
+    plain_lrs, plain_weights = run([])
+    assert monitor.grad_sqr.count == 8  # it did measure every step
+    assert lrs == plain_lrs and len(set(lrs)) > 1
+    np.testing.assert_array_equal(weights, plain_weights)

@@ -84,11 +84,11 @@ class Extrapolation(Algorithm):
         self.option = f"extrapolation={mode!r}"
         self.past: list[torch.Tensor] | None = None
         self._saved: list[torch.Tensor] | None = None
+        self._params: list[torch.Tensor] = []
+        self._distance = 0.0
 
     def settings(self) -> dict:
         return {"mode": self.mode, "ratio": self.ratio}
-        self._params: list[torch.Tensor] = []
-        self._distance = 0.0
 
     def on_train_step_begin(self, args, state, control, *, model, local_gradient, scheduled_lr: float, **kwargs):
         params = [p for p in model.parameters() if p.requires_grad]
