@@ -176,3 +176,13 @@ def test_two_ranks_take_rank_zeros_decision(tmp_path):
     assert logs[0][-1]["autowu_switch_step"] == logs[1][-1]["autowu_switch_step"]
     # only rank 0 ran the GP: rank 1's decisions came from the broadcast
     assert logs[0][-1]["autowu_gp_seconds"] > 0 and logs[1][-1]["autowu_gp_seconds"] == 0
+
+
+def test_default_vote_period_is_one_epoch_of_optimizer_steps(tmp_path):
+    """README: AutoWU votes every ``vote_every`` steps, by default one epoch (digits: 1797 // 32 = 56 steps)."""
+    args = LargeBatchArguments(output_dir=str(tmp_path), per_device_train_batch_size=32, max_steps=2,
+                               learning_rate=1.0, optim="sgd", lr_schedule="autowu", use_cpu=True, report_to=[],
+                               save_strategy="no", disable_tqdm=True, seed=0, dataloader_drop_last=True)
+    trainer = LargeBatchTrainer(model=tiny_resnet(), args=args, train_dataset=digits_dataset())
+    trainer.train()
+    assert trainer.algorithm("autowu").controller.vote_every == len(digits_dataset()) // 32 == 56

@@ -233,3 +233,15 @@ def test_constant_schedule_keeps_the_warmup(tmp_path):
     peak = math.sqrt(8) * LR0
     expected = [peak * t / 8 if t < 8 else peak for t in range(TOTAL_STEPS)]
     np.testing.assert_allclose(history.learning_rates, expected, rtol=1e-12)
+
+
+def test_warmup_steps_below_one_is_a_fraction_of_the_run(tmp_path):
+    """README: the user's warm-up is ``warmup_steps``, a count or a fraction < 1 of the run (HF's convention):
+    0.125 of 128 steps warms the scaled peak up over 16 steps."""
+    trainer, history = train_and_record(tmp_path, 4, lr_scaling="linear", warmup_steps=0.125,
+                                        lr_scheduler_type="linear")
+    peak, warmup = 4 * LR0, 16
+    expected = [peak * t / warmup if t < warmup else peak * (TOTAL_STEPS - t) / (TOTAL_STEPS - warmup)
+                for t in range(TOTAL_STEPS)]
+    np.testing.assert_allclose(history.learning_rates, expected, rtol=1e-12, atol=1e-15)
+    assert trainer.run_summary["warmup"] == warmup
