@@ -278,3 +278,17 @@ def test_random_start_is_given_to_the_configured_fraction_of_examples():
                                          alpha, 0.8, False, torch.Generator().manual_seed(0))
     started = (~torch.isclose(delta, alpha * weight.sign())).any(dim=1).double().mean().item()
     assert abs(started - 0.8) < 0.03
+
+
+def test_relative_epsilon_resumes_with_the_radius_of_the_run_start():
+    """The RMS is read once, at the run's start: a resumed run keeps it (its embeddings have trained since), so
+    the attack's radius, and the run, continue exactly."""
+    start, trained = tiny_bert_classifier(seed=0), tiny_bert_classifier(seed=1)
+    first = ConAdv(ConAdvConfig(relative_epsilon=0.1))
+    first.on_train_begin(None, None, None, model=start)
+    first.attack_model = conadv_module.attack_copy(start)  # as after a first step
+    resumed = ConAdv(ConAdvConfig(relative_epsilon=0.1))
+    resumed.load_state_dict(first.state_dict())
+    resumed.on_train_begin(None, None, None, model=trained)
+    assert resumed.config.embedding_rms == first.config.embedding_rms
+    assert ConAdvConfig(relative_epsilon=0.1).resolved(trained).embedding_rms != first.config.embedding_rms

@@ -395,9 +395,11 @@ class ConAdv(Algorithm):
 
     # checkpoint state: the attack copy's weights (the stale w_{t-1}); the generator needs none (seeded per step)
     def state_dict(self) -> dict[str, Any]:
+        # relative_epsilon's RMS is the run start's: a resume must not re-read it from embeddings trained since
+        rms = {} if self.config.embedding_rms is None else {"embedding_rms": self.config.embedding_rms}
         if self.attack_model is None:
-            return {} if self._pending_state is None else {"attack_model": self._pending_state}
-        return {"attack_model": {k: v.detach().clone() for k, v in self.attack_model.state_dict().items()}}
+            return rms if self._pending_state is None else {"attack_model": self._pending_state, **rms}
+        return {"attack_model": {k: v.detach().clone() for k, v in self.attack_model.state_dict().items()}, **rms}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         weights = state["attack_model"]  # always saved after a step: never restart the stale copy silently
@@ -405,6 +407,8 @@ class ConAdv(Algorithm):
             self._pending_state = weights
         else:
             self.attack_model.load_state_dict(weights)
+        if "embedding_rms" in state:
+            self.config = replace(self.config, embedding_rms=float(state["embedding_rms"]))
 
 
 def evaluate_under_attack(trainer, dataset, config: ConAdvConfig, metric_key_prefix: str = "eval_adv") -> dict:
