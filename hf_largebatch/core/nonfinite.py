@@ -1,7 +1,8 @@
 """Non-finite steps: a NaN or an inf in the gradient never reaches the weights unannounced.
 
-**Detection** costs nothing new: HF computes the norm of the step's gradient at every optimizer step (the clipping
-norm, or a norm with an infinite threshold when clipping is off; under DeepSpeed the engine's). It is the norm of
+**Detection** computes nothing new: HF computes the norm of the step's gradient at every optimizer step (the
+clipping norm, or a norm with an infinite threshold when clipping is off; under DeepSpeed the engine's); reading it
+is one host sync a step, where HF's NaN filter of the logged loss already syncs at every micro-batch. It is the norm of
 the *reduced* gradient, equal on every rank, so every rank decides alike without another collective (under local
 SGD each worker decides on its own gradient, which is what it would apply). A non-finite loss almost always makes
 the gradient non-finite too; one whose gradient is finite (a ``-inf`` logit under cross-entropy) updates normally.
@@ -75,8 +76,8 @@ class NonFiniteGuard:
     def on_norm(self, grad_norm, step: int, *, scaler: bool, applied: bool, announce: bool) -> bool:
         """Whether the step whose gradient norm is ``grad_norm`` must be skipped (a finite norm, or none known:
         False). ``scaler``: a loss scaler skips it; ``applied``: the update already ran (DeepSpeed decided)."""
-        norm = math.nan if grad_norm is None else float(grad_norm)
-        if grad_norm is None or math.isfinite(norm):
+        norm = None if grad_norm is None else float(grad_norm)
+        if norm is None or math.isfinite(norm):
             self.consecutive = 0
             return False
         if applied:
