@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -45,13 +46,18 @@ TASKS = {
                    "autowu_args": "vote_every=5"},
     },
     "lstm": {
+        # Zaremba's small LSTM on PTB, stateful (truncated BPTT over B streams), his schedule: SGD lr 1 / clip 5 on
+        # the loss summed over 20 time steps == lr 20 / clip 0.25 on the token mean, x0.5 per epoch after epoch 4
         "recipe": "recipes/language_modeling_lstm.py",
-        # Zaremba's SGD lr 1 / clip 5 on the summed-over-time loss == lr 35 / clip 5/35 on the token mean
-        "args": ["--dataset", "ptb", "--preset", "tiny", "--max_train_samples", "4000", "--max_eval_samples",
-                 "1000", "--optim", "sgd", "--max_grad_norm", "0.142857", "--lr_scheduler_type", "cosine"],
-        "base_batch": 20, "learning_rate": 35.0, "epochs": 2, "warmup_epochs": 0.1,
+        "args": ["--dataset", "ptb", "--preset", "zaremba_small", "--seq_len", "20", "--optim", "sgd",
+                 "--max_grad_norm", "0.25", "--lr_scheduler_type", "constant", "--per_device_eval_batch_size", "20"],
+        "base_batch": 20, "learning_rate": 20.0, "epochs": 13, "warmup_epochs": 0.0,
+        "decay_epochs": list(range(4, 13)), "decay_factor": 0.5,
+        # LEGW's base warm-up w0 (Zaremba's base run has none): S * w0 epochs at S
+        "legw_warmup_epochs": 0.05,
+        "logging_steps": 50,
         "metric": "eval_perplexity", "higher_is_better": False,
-        "quick": ["--max_train_samples", "400", "--max_eval_samples", "100"],
+        "quick": ["--max_train_samples", "400", "--max_eval_samples", "200"],
     },
     "translation": {
         "recipe": "recipes/translation.py",
@@ -81,10 +87,15 @@ def recipe_command(task: dict, multiple: int, method: str, epochs: float, out_di
            "--per_device_train_batch_size", str(base * multiple // micro_batches),
            "--gradient_accumulation_steps", str(micro_batches), "--num_train_epochs", str(epochs),
            "--learning_rate", str(task["learning_rate"]), "--base_batch_size", str(base),
-           "--eval_strategy", "epoch", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+           "--eval_strategy", "epoch", "--logging_steps", str(task.get("logging_steps", 1)),
+           # every run checkpoints each epoch (only the newest kept): a killed benchmark resumes it there
+           "--save_strategy", "epoch", "--save_total_limit", "1", "--report_to", "none",
            "--seed", "0", "--disable_tqdm", "true"] + (["--use_cpu"] if device == "cpu" else [])
+    if task.get("decay_epochs"):  # the task's step decay, at the same fractions of a shorter or longer budget
+        cmd += ["--lr_decay_epochs", *(f"{e * epochs / task['epochs']:g}" for e in task["decay_epochs"]),
+                "--lr_decay_factor", str(task["decay_factor"])]
     if method == "legw":
-        cmd += ["--lr_scaling", "legw", "--legw_base_warmup_epochs", str(w0)]
+        cmd += ["--lr_scaling", "legw", "--legw_base_warmup_epochs", str(task.get("legw_warmup_epochs", w0))]
     elif method.startswith("autowu_"):  # AutoWU finds its own LR: no scaling rule, no warm-up setting
         optimizer = method.removeprefix("autowu_")
         if "autowu" not in task:
@@ -99,16 +110,61 @@ def recipe_command(task: dict, multiple: int, method: str, epochs: float, out_di
     return cmd + extra
 
 
-def run_one(cmd: list[str], log_path: Path) -> float:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed; see {log_path}:\n{log_path.read_text()[-3000:]}")
-    return wall
+class Sittings:
+    """The wall time a run took over the sittings it needed (a killed benchmark resumes it from its checkpoint):
+    ``sittings.json`` in its folder holds one entry per sitting, rewritten every ``HEARTBEAT_S`` while it runs, so
+    a kill loses at most that much of the record. The total includes the work a resume repeats (the machine spent
+    it)."""
+
+    HEARTBEAT_S = 30.0
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "sittings.json"
+        self.done = json.loads(self.path.read_text()) if self.path.is_file() else []
+
+    def run(self, cmd: list[str], log_path: Path, threads: int | None) -> None:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
+        start = time.perf_counter()
+        with open(log_path, "a") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+            while True:
+                try:
+                    proc.wait(timeout=self.HEARTBEAT_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    self._record(time.perf_counter() - start, finished=False)
+        self._record(time.perf_counter() - start, finished=proc.returncode == 0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed; see {log_path}:\n{log_path.read_text()[-3000:]}")
+
+    def _record(self, wall: float, finished: bool) -> None:
+        entry = {"wall_s": wall, "finished": finished, "machine": machine_name()}
+        self.path.write_text(json.dumps([*self.done, entry], indent=1))
+
+    @property
+    def total_s(self) -> float:
+        return sum(entry["wall_s"] for entry in json.loads(self.path.read_text()))
+
+
+def machine_name() -> str:
+    """The CPU model (or the GPU) the runs train on."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        model = None
+    return model or platform.processor() or platform.machine()
+
+
+def resume_flags(run_dir: Path) -> list[str]:
+    """``--resume_from_checkpoint`` at the run's newest complete checkpoint, if it has one."""
+    from hf_largebatch.core.checkpoints import newest_complete_checkpoint
+
+    folder, _ = newest_complete_checkpoint(str(run_dir))
+    return [] if folder is None else ["--resume_from_checkpoint", folder]
 
 
 def summarise(label, multiple, method, summary: dict, wall: float, metric: str, repeat: int) -> dict:
@@ -256,9 +312,12 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="CI smoke test: a data subset, 1 epoch, multiples 1 and 2")
     p.add_argument("--runs", nargs="+", help="only these run labels, e.g. base '8x legw' (default: every combination)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every run trains")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once (wall times then compete: only for metrics)")
-    p.add_argument("--reuse", action="store_true",
-                   help="reuse runs already finished in --out (same command): resumes an interrupted benchmark")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each with --threads torch threads (their wall times then compete)")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (default: 1 with --jobs > 1)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start every run anew (default: a rerun of the same command skips finished runs and "
+                        "resumes unfinished ones from their newest complete checkpoint)")
     opts, extra = p.parse_known_args(argv)
     task = TASKS[opts.task]
     epochs = opts.epochs or task["epochs"]
@@ -266,7 +325,9 @@ def main(argv=None) -> int:
         opts.multiples, epochs = [1, 2], 1
     out = Path(opts.out or REPO / "benchmarks" / "results" / opts.task)
     out.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+    threads = opts.threads or (1 if opts.jobs > 1 else None)
+    machine = (f"{machine_name()}, {os.cpu_count()} CPU cores, torch threads per run "
+               f"{threads or os.environ.get('OMP_NUM_THREADS', 'default')}")
     if opts.device == "cuda":
         import torch
 
@@ -280,16 +341,18 @@ def main(argv=None) -> int:
 
     def execute(label, multiple, method, repeat) -> dict:
         run_dir = out / "runs" / f"{label.replace(' ', '_')}_r{repeat}"
-        run_dir.mkdir(parents=True, exist_ok=True)
         cmd = recipe_command(task, multiple, method, epochs, run_dir, extra, opts.quick, opts.device)
-        done = run_dir / "wall.json"
-        finished = json.loads(done.read_text()) if done.is_file() and (run_dir / "summary.json").is_file() else {}
-        if opts.reuse and finished.get("command") == cmd:
-            wall = finished["wall_s"]  # a finished run of an interrupted benchmark, with the same command
-        else:
-            print(f"[{label}] {' '.join(cmd)}", flush=True)
-            wall = run_one(cmd, run_dir / "log.txt")
-            done.write_text(json.dumps({"wall_s": wall, "command": cmd}))
+        started = run_dir / "command.json"
+        if opts.fresh or (started.is_file() and json.loads(started.read_text()) != cmd):
+            shutil.rmtree(run_dir, ignore_errors=True)  # another command's run: not this one to resume
+        run_dir.mkdir(parents=True, exist_ok=True)
+        started.write_text(json.dumps(cmd))
+        sittings = Sittings(run_dir)
+        if not (sittings.done and sittings.done[-1]["finished"] and (run_dir / "summary.json").is_file()):
+            resume = resume_flags(run_dir)
+            print(f"[{label}] {' '.join(cmd + resume)}", flush=True)
+            sittings.run(cmd + resume, run_dir / "log.txt", threads)
+        wall = sittings.total_s
         summary = json.loads((run_dir / "summary.json").read_text())
         row = summarise(label, multiple, method, summary, wall, task["metric"], repeat)
         print(f"[{label}] {task['metric']}={row['metric']:.4g} steps={row['optimizer_steps']} wall={wall:.0f}s",

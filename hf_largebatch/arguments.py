@@ -19,7 +19,7 @@ from .core.loss import LOSS_NORMALIZATIONS
 from .core.nonfinite import NONFINITE_POLICIES, check_policy
 from .optim.lars_lamb_adamp import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
 from .core.option_strings import option_name, require_positive_finite
-from .core.lr_scaling import SCALING_RULES, check_rule
+from .core.lr_scaling import SCALING_RULES, check_rule, check_step_decay
 
 
 LR_SCHEDULES = ("hf", "autowu")
@@ -77,6 +77,18 @@ class LargeBatchArguments(TrainingArguments):
                           "exponential warm-up, switch at the GP-smoothed loss minimum, then decay (learning_rate "
                           "is then AutoWU's max_lr, the top of the warm-up range).",
                   "choices": list(LR_SCHEDULES)},
+    )
+    lr_decay_epochs: list[float] | None = field(
+        default=None,
+        metadata={"help": "Step decay on top of lr_scheduler_type: at each of these epochs the LR is multiplied by "
+                          "lr_decay_factor (Zaremba's PTB schedule: 4 5 6 ... 12 with 0.5; ResNet: 0.5 and 0.75 of "
+                          "the run with 0.1). Placed as fractions of the run, so they hold on any schedule clock "
+                          "(AdaScale's progress, the adaptive batch's samples).",
+                  "nargs": "+"},
+    )
+    lr_decay_factor: float = field(
+        default=0.1,
+        metadata={"help": "The factor of each lr_decay_epochs milestone."},
     )
     autowu_args: str | None = field(
         default=None,
@@ -216,10 +228,13 @@ class LargeBatchArguments(TrainingArguments):
     def check_lr_schedule(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule={self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        check_step_decay(self.lr_decay_epochs, self.lr_decay_factor)
         if self.lr_schedule != "autowu":
             if self.autowu_args:
                 raise ValueError("autowu_args is set but lr_schedule is not 'autowu'")
             return
+        if self.lr_decay_epochs:
+            raise ValueError("lr_decay_epochs decays lr_schedule='hf'; AutoWU decides its own decay: drop one")
         config = self.autowu_config()  # parse now: a bad key fails before any work
         if self.learning_rate <= config.min_lr:
             raise ValueError(f"AutoWU warms up from min_lr={config.min_lr} to learning_rate={self.learning_rate}: "

@@ -1,28 +1,32 @@
 """LSTM language model (Zaremba et al. 2014) on PTB / Tiny Shakespeare / your text, with ``LargeBatchTrainer``.
 
 Reports perplexity: ``eval_perplexity = exp(eval_loss)`` in the Trainer's eval logs (every evaluation), in the
-returned metrics and in ``<output_dir>/summary.json``. Exact: every example has ``seq_len`` predicted tokens
-(``hf_largebatch.data.text.LMChunks``), so the example-weighted eval loss is the token mean. Each example starts
-from a zero LSTM state (not carried across batches as in Zaremba's set-up), which costs some perplexity.
+returned metrics and in ``<output_dir>/summary.json``. Exact: every example has ``seq_len`` predicted tokens, so
+the example-weighted eval loss is the token mean.
 
-Zaremba's hyper-parameters on this loss: Zaremba (and TF's PTB tutorial) minimise the cross-entropy *summed* over
-the ``seq_len`` time steps and averaged over the batch, with SGD lr 1 and gradient clipping at norm 5. The loss here
-(HF convention) is the *mean* over tokens, 1/seq_len of that, so the same updates are ``--learning_rate 35
---max_grad_norm 0.142857`` (lr x seq_len, clip / seq_len, for seq_len 35); ``--learning_rate 1`` is 35x
-smaller. (Zaremba's code unrolls the small model 20 steps: ``--seq_len 20 --learning_rate 20 --max_grad_norm
-0.25``; medium and large 35.)
+Stateful by default, as Zaremba and LEGW train on PTB (truncated BPTT): the corpus is cut into B parallel streams,
+B the global batch (``hf_largebatch.data.text.LMStreams``); step t's batch continues step t-1's in every stream and
+the LSTM state is carried, detached, between steps and reset at each epoch's start (``core.carried_state``). With
+DDP each rank owns its streams; a larger batch means more, shorter streams (S = B / B0 counts streams; the BPTT
+length stays ``seq_len``). Evaluation is stateful too, over ``per_device_eval_batch_size x processes`` streams.
+``--stateful False``: independent shuffled chunks, each from a zero state (costs perplexity).
+
+Zaremba's hyper-parameters are the ``zaremba_*`` presets' defaults (each applies unless its flag is given):
+Zaremba (and TF's PTB tutorial) minimise the cross-entropy *summed* over the ``seq_len`` time steps and averaged
+over the batch, with SGD lr 1; the loss here (HF convention) is the *mean* over tokens, 1/seq_len of that, so the
+same updates are ``--learning_rate seq_len --max_grad_norm clip/seq_len``. small: batch 20, 20 steps unrolled,
+lr 20 (= 1), clip 0.25 (= 5), 13 epochs, LR x0.5 per epoch after epoch 4; medium: 35 steps, lr 35, clip 5/35,
+39 epochs, x0.8 after epoch 6, dropout 0.5; large: 35 steps, lr 35, clip 10/35, 55 epochs, x1/1.15 after
+epoch 14, dropout 0.65.
 
 Examples (data from ``$HF_LARGEBATCH_DATA``, default ``../shared/data``)::
 
-    # Zaremba small (2x200, no dropout), Zaremba's updates at batch 20, one epoch
-    python recipes/language_modeling_lstm.py --output_dir out/ptb_small --preset zaremba_small --optim sgd \
-        --learning_rate 35 --max_grad_norm 0.142857 --lr_scheduler_type constant \
-        --per_device_train_batch_size 20 --num_train_epochs 1
+    # Zaremba small on PTB (target: validation perplexity 120.7)
+    python recipes/language_modeling_lstm.py --output_dir out/ptb_small --preset zaremba_small --use_cpu
 
-    # 8x the batch, LEGW from the base batch 20
-    python recipes/language_modeling_lstm.py --output_dir out/ptb_legw --preset zaremba_small --optim sgd \
-        --learning_rate 35 --max_grad_norm 0.142857 --per_device_train_batch_size 160 --lr_scaling legw \
-        --base_batch_size 20 --legw_base_warmup_epochs 0.05 --num_train_epochs 1
+    # 16x the streams, LEGW from the base batch 20
+    python recipes/language_modeling_lstm.py --output_dir out/ptb_legw --preset zaremba_small \
+        --per_device_train_batch_size 320 --lr_scaling legw --base_batch_size 20 --legw_base_warmup_epochs 0.05
 
     # 2 processes: DDP on CPU, or DeepSpeed ZeRO-2 (on CPU without --use_cpu)
     torchrun --nproc_per_node 2 recipes/language_modeling_lstm.py ... --use_cpu
@@ -31,8 +35,8 @@ Examples (data from ``$HF_LARGEBATCH_DATA``, default ``../shared/data``)::
     # fine-tune a saved model (its vocab.json is reused; the architecture comes from its config)
     python recipes/language_modeling_lstm.py --model_name_or_path out/ptb_small --output_dir out/ft ...
 
-``--do_predict`` also reports ``test_perplexity`` (PTB's test split). Gradient clipping is ``--max_grad_norm``
-(HF's default is 1). On a busy 2-core CPU, ``OMP_NUM_THREADS=1`` is often faster than 2 threads for LSTMs.
+``--do_predict`` also reports ``test_perplexity`` (PTB's test split). On a busy 2-core CPU, ``OMP_NUM_THREADS=1``
+is often faster than 2 threads for LSTMs.
 """
 
 from __future__ import annotations
@@ -83,7 +87,11 @@ class DataArguments:
     level: str | None = field(default=None, metadata={"help": "word | char, for tinyshakespeare and paths.",
                                                       "choices": list(LEVELS)})
     seq_len: int = field(default=35, metadata={"help": "Tokens predicted per example (BPTT length)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training examples."})
+    stateful: bool = field(default=True, metadata={
+        "help": "Carry the LSTM state across batches in B parallel streams (truncated BPTT, B the global batch); "
+                "False: shuffled independent chunks, each from a zero state."})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "Use the first N training examples (stateful: the first N / B positions of every stream)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation examples."})
     max_vocab_size: int = field(default=10000, metadata={
         "help": "Word level: keep the most frequent words (+<unk>) of the training split."})
@@ -134,8 +142,59 @@ def build_model(model_args: ModelArguments, vocab_size: int):
     return model
 
 
+#: Zaremba et al.'s training set-up per preset, in this loss's units (the docstring explains the conversion)
+ZAREMBA_TRAINING = {
+    "zaremba_small": {"seq_len": 20, "learning_rate": 20, "max_grad_norm": 0.25, "num_train_epochs": 13,
+                      "decay_after": 4, "lr_decay_factor": 0.5},
+    "zaremba_medium": {"seq_len": 35, "learning_rate": 35, "max_grad_norm": 5 / 35, "num_train_epochs": 39,
+                       "decay_after": 6, "lr_decay_factor": 0.8},
+    "zaremba_large": {"seq_len": 35, "learning_rate": 35, "max_grad_norm": 10 / 35, "num_train_epochs": 55,
+                      "decay_after": 14, "lr_decay_factor": 1 / 1.15},
+}
+
+
+def with_preset_training(argv: list[str]) -> list[str]:
+    """``argv`` plus the preset's Zaremba training flags that ``argv`` does not give (a new zaremba_* model)."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    preset = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--preset"),
+                  next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "zaremba_small"))
+    if preset not in ZAREMBA_TRAINING or "--model_name_or_path" in given:
+        return argv
+    setup = dict(ZAREMBA_TRAINING[preset])
+    after, epochs = setup.pop("decay_after"), setup["num_train_epochs"]
+    setup |= {"optim": "sgd", "lr_scheduler_type": "constant", "per_device_train_batch_size": 20,
+              "per_device_eval_batch_size": 20, "lr_decay_epochs": [str(e) for e in range(after, epochs)]}
+    if "--num_train_epochs" in given or "--max_steps" in given:
+        setup.pop("lr_decay_epochs")  # Zaremba's milestones are for his epoch count
+    extra = []
+    for flag, value in setup.items():
+        if f"--{flag}" not in given:
+            extra += [f"--{flag}", *(value if isinstance(value, list) else [str(value)])]
+    return [*argv, *extra]
+
+
+def lm_datasets(corpus, data_args: DataArguments, args: LargeBatchArguments):
+    """(train, validation) as stateful streams for the global batches, or as stateless chunks."""
+    if not data_args.stateful:
+        return (corpus.chunks("train", data_args.seq_len, data_args.max_train_samples),
+                corpus.chunks("validation", data_args.seq_len, data_args.max_eval_samples))
+    if args.train_sampling_strategy == "random":  # HF's default; stateful streams are read in order
+        args.train_sampling_strategy = "sequential"
+    train_streams = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    eval_streams = args.per_device_eval_batch_size * args.world_size
+
+    def positions(limit, streams):
+        return None if limit is None else max(limit // streams, 1)
+
+    return (corpus.streams("train", train_streams, data_args.seq_len,
+                           positions(data_args.max_train_samples, train_streams)),
+            corpus.streams("validation", eval_streams, data_args.seq_len,
+                           positions(data_args.max_eval_samples, eval_streams)))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((ModelArguments, DataArguments, LargeBatchArguments))
+    argv = with_preset_training(list(sys.argv[1:] if argv is None else argv))
     model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
     set_seed(args.seed)
 
@@ -149,8 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     corpus = load_lm_corpus(data_args.dataset, level=data_args.level, vocab=vocab,
                             max_vocab_size=data_args.max_vocab_size, lowercase=data_args.lowercase,
                             text_column=data_args.text_column)
-    train = corpus.chunks("train", data_args.seq_len, data_args.max_train_samples)
-    valid = corpus.chunks("validation", data_args.seq_len, data_args.max_eval_samples)
+    train, valid = lm_datasets(corpus, data_args, args)
     model = build_model(model_args, len(corpus.vocab))
 
     trainer = LanguageModelingTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid)
@@ -164,11 +222,13 @@ def main(argv: list[str] | None = None) -> dict:
     if eval_attack is not None:
         metrics.update(evaluate_under_attack(trainer, valid, eval_attack))
     if args.do_predict and "test" in corpus.splits:
-        metrics.update(trainer.evaluate(corpus.chunks("test", data_args.seq_len), metric_key_prefix="test"))
+        test = (corpus.streams("test", valid.num_streams, data_args.seq_len) if data_args.stateful
+                else corpus.chunks("test", data_args.seq_len))
+        metrics.update(trainer.evaluate(test, metric_key_prefix="test"))
 
     summary = write_summary(
         trainer, metrics, os.path.join(args.output_dir, "summary.json"), task="language_modeling",
-        dataset=corpus.name, metric_name="eval_perplexity", seq_len=data_args.seq_len,
+        dataset=corpus.name, metric_name="eval_perplexity", seq_len=data_args.seq_len, stateful=data_args.stateful,
         train_examples=len(train), eval_examples=len(valid), vocab_size=len(corpus.vocab),
         model=model.config.to_diff_dict() | {"model_type": model.config.model_type},
         num_parameters=sum(p.numel() for p in model.parameters()),

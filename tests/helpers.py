@@ -149,6 +149,33 @@ def tiny_gpt2_lm(seed: int = 0):
     return GPT2LMHeadModel(cfg)
 
 
+def tiny_lstm_lm(seed: int = 0, vocab_size: int = 64):
+    from hf_largebatch.models import LSTMForCausalLM, LSTMLMConfig
+
+    torch.manual_seed(seed)
+    return LSTMForCausalLM(LSTMLMConfig(vocab_size=vocab_size, embedding_size=8, hidden_size=8, num_layers=2,
+                                        init_range=0.3))
+
+
+def token_stream(n: int, vocab: int = 64, seed: int = 0) -> torch.Tensor:
+    """A learnable token stream: each token mostly follows from the one before (so a carried state matters)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.empty(n, dtype=torch.long)
+    ids[0] = 1
+    noise = torch.randint(0, vocab, (n,), generator=g)
+    keep = torch.rand(n, generator=g) < 0.7
+    for i in range(1, n):
+        ids[i] = (3 * ids[i - 1] + 1) % vocab if keep[i] else noise[i]
+    return ids
+
+
+def token_streams(num_streams: int = 8, seq_len: int = 6, positions: int = 6):
+    """``LMStreams`` of ``token_stream``: ``positions`` steps of ``num_streams`` streams."""
+    from hf_largebatch.data.text import LMStreams
+
+    return LMStreams(token_stream(num_streams * positions * seq_len + 1), num_streams, seq_len)
+
+
 def token_dataset(n: int, seq_len: int, vocab: int, num_labels: int | None, seed: int = 0) -> DictDataset:
     """Token sequences of varied length (right-padded): what makes per-micro-batch means differ from the
     token-level mean. ``num_labels=None`` gives LM labels (-100 on padding), else one class per sequence."""

@@ -10,6 +10,7 @@ import pytest
 
 from helpers import REPO, launch, launch_nodes, read_rank_results
 from test_split_invariance import reference_params
+from workers.train_worker import run_one
 
 pytestmark = pytest.mark.multiprocess
 
@@ -22,6 +23,9 @@ LR_RUN = {"name": "lr", "model": "resnet", "per_device": 4, "ga": 2, "steps": 12
 NAN_RUN = {"name": "nan", "model": "poisoned", "per_device": 8, "ga": 1, "steps": 8, "lr": 0.1}
 SPLIT_RUNS = [{"name": f"{kind}_ga{ga}", "model": kind, "per_device": 8 // ga, "ga": ga, "steps": 2}
               for kind in ("resnet", "bert", "gpt2") for ga in (1, 2)]
+# Stateful LM: 8 streams carried over 5 steps, as 2 ranks x 4 and 2 ranks x 2 x 2 (each rank owns its streams)
+STREAM_RUNS = [{"name": f"lstm_streams_ga{ga}", "model": "lstm_streams", "per_device": 4 // ga, "ga": ga,
+                "steps": 5, "args": {"train_sampling_strategy": "sequential"}} for ga in (1, 2)]
 
 
 def expected_legw_lrs(lr0=0.1, scale=8, warmup=8, total=12):
@@ -55,7 +59,7 @@ def assert_two_consistent_ranks(r0, r1):
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
-    return run_workers(tmp_path_factory.mktemp("ddp"), [LR_RUN, NAN_RUN, *SPLIT_RUNS])
+    return run_workers(tmp_path_factory.mktemp("ddp"), [LR_RUN, NAN_RUN, *SPLIT_RUNS, *STREAM_RUNS])
 
 
 @pytest.fixture(scope="module", params=["ds_zero1.json", "ds_zero2.json", "ds_zero3.json"])
@@ -68,6 +72,15 @@ def test_ddp_splits_match_single_process(ddp, kind):
     reference = reference_params(kind, 16, 1)  # 1 x 16 in this process
     for ga in (1, 2):  # 2 ranks x 8, 2 ranks x 2 x 4
         r0, r1 = (r[f"{kind}_ga{ga}"] for r in ddp)
+        assert_two_consistent_ranks(r0, r1)
+        np.testing.assert_allclose(r0["params"], reference, rtol=0, atol=2e-6)
+
+
+def test_ddp_stateful_streams_match_one_process(ddp):
+    """1 rank x 2 micro-batches = 2 ranks: rank r's k-th micro-batch holds the same streams at every step."""
+    reference = run_one({**STREAM_RUNS[0], "per_device": 4, "ga": 2}, None)["params"]
+    for ga in (1, 2):
+        r0, r1 = (r[f"lstm_streams_ga{ga}"] for r in ddp)
         assert_two_consistent_ranks(r0, r1)
         np.testing.assert_allclose(r0["params"], reference, rtol=0, atol=2e-6)
 

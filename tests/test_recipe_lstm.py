@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from test_stateful_lm import hand_stream_losses
 from helpers import REPO, launch
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
 from hf_largebatch.core import loss as loss_rules
@@ -65,19 +66,6 @@ def read_summary(out_dir) -> dict:
 
 def eval_logs(summary) -> list[dict]:
     return [e for e in summary["log_history"] if "eval_loss" in e]
-
-
-def token_perplexity(model, chunks: text_data.LMChunks) -> float:
-    """exp(mean token cross-entropy) over every predicted token, computed directly."""
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(chunks), 64):
-            ids = torch.stack([chunks[i]["input_ids"] for i in range(start, min(start + 64, len(chunks)))])
-            logits = model(input_ids=ids).logits
-            total += loss_rules.summed_token_cross_entropy(logits, ids, shift=True).item()
-            count += int(loss_rules.count_label_tokens(ids, shift=True))
-    return math.exp(total / count)
 
 
 @pytest.fixture(scope="module")
@@ -257,10 +245,37 @@ def test_recipe_ptb_single_process(smoke_run, ptb):
     assert ppl < 0.5 * start["eval_perplexity"], "20 Adam steps should at least learn the unigram distribution"
     assert f"eval_perplexity = {ppl:.3f}" in proc.stdout
 
-    # The reported perplexity is exactly exp(mean token CE) over the 128 x 35 predicted validation tokens.
+    # The reported perplexity is exactly exp(mean token CE) over the 128 x 35 predicted validation tokens, read as
+    # 64 streams of 2 positions with the state carried (the recipe's default, stateful evaluation)
     model = LSTMForCausalLM.from_pretrained(out)
-    assert token_perplexity(model, ptb.chunks("validation", 35, 128)) == pytest.approx(ppl, rel=1e-5)
+    total, count = hand_stream_losses(model, ptb.streams("validation", 64, 35, 2))
+    assert count == 128 * 35 and math.exp(total / count) == pytest.approx(ppl, rel=1e-5)
     assert text_data.Vocabulary.load(out / "vocab.json").itos == ptb.vocab.itos
+
+
+def test_zaremba_presets_default_to_zarembas_training_unless_a_flag_is_given():
+    recipe = load_recipe_module()
+    argv = recipe.with_preset_training(["--output_dir", "x", "--learning_rate=10"])
+    parser = recipe.HfArgumentParser((recipe.ModelArguments, recipe.DataArguments, recipe.LargeBatchArguments))
+    model_args, data_args, args = parser.parse_args_into_dataclasses(args=[*argv, "--use_cpu"])
+    assert model_args.preset == "zaremba_small" and data_args.seq_len == 20 and data_args.stateful
+    assert args.learning_rate == 10  # given: kept
+    assert (args.max_grad_norm, args.num_train_epochs, args.per_device_train_batch_size) == (0.25, 13, 20)
+    assert args.lr_decay_epochs == [4, 5, 6, 7, 8, 9, 10, 11, 12] and args.lr_decay_factor == 0.5
+    assert recipe.with_preset_training(["--preset", "tiny"]) == ["--preset", "tiny"]
+    medium = recipe.with_preset_training(["--preset", "zaremba_medium", "--max_steps", "5"])
+    assert "--lr_decay_epochs" not in medium and medium[medium.index("--seq_len") + 1] == "35"
+
+
+@needs_ptb
+def test_stateless_mode_reads_shuffled_chunks(ptb):
+    recipe = load_recipe_module()
+    args = recipe.LargeBatchArguments(output_dir="x", per_device_train_batch_size=4, use_cpu=True)
+    train, valid = recipe.lm_datasets(ptb, recipe.DataArguments(stateful=False, max_train_samples=40), args)
+    assert isinstance(train, text_data.LMChunks) and len(train) == 40 and args.train_sampling_strategy == "random"
+    train, valid = recipe.lm_datasets(ptb, recipe.DataArguments(max_train_samples=40), args)
+    assert isinstance(train, text_data.LMStreams) and train.num_streams == 4 and len(train) == 40
+    assert args.train_sampling_strategy == "sequential" and valid.num_streams == args.per_device_eval_batch_size
 
 
 # ------------------------------------------------------------------------------------------------ (e) fine-tuning

@@ -245,3 +245,30 @@ def test_warmup_steps_below_one_is_a_fraction_of_the_run(tmp_path):
                 for t in range(TOTAL_STEPS)]
     np.testing.assert_allclose(history.learning_rates, expected, rtol=1e-12, atol=1e-15)
     assert trainer.run_summary["warmup"] == warmup
+
+
+def test_lr_decay_epochs_multiply_the_scaled_schedule_at_epoch_boundaries(tmp_path):
+    """Zaremba-style step decay on LEGW's schedule: x0.5 at epochs 2 and 3 of 4 (steps 64 and 96), after LEGW's
+    4-step warm-up (S = 4, w0 = 1/32 epoch) to the sqrt(S)-scaled peak."""
+    trainer, history = train_and_record(tmp_path, 4, lr_scaling="legw", legw_base_warmup_epochs=1 / 32,
+                                        lr_scheduler_type="constant", lr_decay_epochs=[2, 3], lr_decay_factor=0.5)
+    peak = 2 * LR0
+    expected = [(peak * t / 4 if t < 4 else peak) * 0.5 ** ((t >= 64) + (t >= 96)) for t in range(TOTAL_STEPS)]
+    np.testing.assert_allclose(history.learning_rates, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_lr_decay_epochs_of_a_max_steps_run_count_epochs_of_the_configured_batch(tmp_path):
+    _, history = train_and_record(tmp_path, 1, lr_scheduler_type="constant", max_steps=48, lr_decay_epochs=[1.0],
+                                  lr_decay_factor=0.1)
+    expected = [LR0 * (0.1 if t >= STEPS_PER_EPOCH else 1.0) for t in range(48)]
+    np.testing.assert_allclose(history.learning_rates, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lr_decay_epochs": [4.0]}, r"not inside the run's 4 epochs"),
+    ({"lr_decay_epochs": [2.0, 1.0]}, "increasing"),
+    ({"lr_decay_epochs": [1.0], "lr_decay_factor": 0.0}, "lr_decay_factor"),
+])
+def test_bad_lr_decay_is_refused_before_training(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        train_and_record(tmp_path, 1, lr_scheduler_type="constant", **settings)

@@ -9,6 +9,9 @@ Functional core only (ALGORITHMS.md section 2). With ``S = B / B0``:
 * ``none``:   the user's LR as given;
 * ``adascale``: the user's LR and warm-up, with a per-step gain and a schedule on progress (``adascale.py``).
 
+``step_decay`` multiplies any of them by a factor at given epochs (``lr_decay_epochs``), placed as fractions of the
+run so that the milestones fall at the same share of the budget on every clock.
+
 The trainer turns these numbers into one LambdaLR (HF's ``get_scheduler``) so that warm-up and any
 ``lr_scheduler_type`` decay are applied by a single scheduler that owns the LR.
 """
@@ -68,3 +71,26 @@ def legw_warmup_steps(scale: float, base_warmup_epochs: float, steps_per_epoch: 
     if base_warmup_epochs < 0:
         raise ValueError(f"legw_base_warmup_epochs must be >= 0, got {base_warmup_epochs}")
     return int(round(scale * base_warmup_epochs * steps_per_epoch))
+
+
+def check_step_decay(epochs: list[float] | None, factor: float) -> None:
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"lr_decay_factor must be a finite number > 0, got {factor}")
+    if epochs and (any(not math.isfinite(e) or e <= 0 for e in epochs) or list(epochs) != sorted(epochs)):
+        raise ValueError(f"lr_decay_epochs must be increasing epochs > 0, got {epochs}")
+
+
+def step_decay(schedule_lambda, milestones: list[float], factor: float):
+    """``schedule_lambda`` times ``factor`` once for every milestone (in the schedule's steps) already reached."""
+    def decayed(step):
+        return schedule_lambda(step) * factor ** sum(step >= m for m in milestones)
+    return decayed
+
+
+def decay_milestones(epochs: list[float], run_epochs: float, schedule_length: int) -> list[float]:
+    """The milestones of ``lr_decay_epochs`` in the schedule's steps: epoch ``e`` of a ``run_epochs`` run is the
+    fraction ``e / run_epochs`` of the schedule's ``schedule_length`` steps, whatever its clock counts."""
+    late = [e for e in epochs if e >= run_epochs]
+    if late:
+        raise ValueError(f"lr_decay_epochs {late} are not inside the run's {run_epochs:g} epochs")
+    return [e / run_epochs * schedule_length for e in epochs]

@@ -35,13 +35,15 @@ from . import backends
 from . import loss as loss_rules
 from ..optim.lars_lamb_adamp import LARGE_BATCH_OPTIMIZERS, optimizer_cls_and_kwargs
 from .backends import innermost_optimizer
+from .carried_state import check_stream_order
 from .checkpoints import checkpoint_problem, newest_complete_checkpoint
 from .composition import RunPlan, check_composition
 from .events import EVENTS, OWNED_EVENTS, Algorithm
 from .nonfinite import NonFiniteGuard
 from .progress import ClockProgressCallback
 from .run_summary import follow_process_log_level, format_summary, warmup_warning
-from .lr_scaling import batch_scale, legw_warmup_steps, peak_lr_multiplier, steps_per_epoch
+from .lr_scaling import (batch_scale, decay_milestones, legw_warmup_steps, peak_lr_multiplier, step_decay,
+                         steps_per_epoch)
 from .option_strings import option_name
 from .local_gradients import local_gradient, per_example_gradients
 from .statistics import GradientStatistics, reduced_sq_norm
@@ -50,11 +52,13 @@ from .step import RunSetup, StepContext
 ALGORITHM_STATE_FILE = "hf_largebatch_algorithms_rank{rank}.pt"
 RUN_RECORD = "__run__"  # the key of the run's batch, world size and S in every rank's algorithm-state file
 NONFINITE_RECORD = "__nonfinite__"  # the key of the non-finite steps' count, in the same file
+CARRIED_RECORD = "__carried_state__"  # a recurrent model's per-stream state (carried_state.py), per rank
 logger = logging.get_logger(__name__)
 
 #: the options the trainer itself reads, with their values under plain ``TrainingArguments``
 _DEFAULTS = {"lr_scaling": "none", "base_batch_size": None, "legw_base_warmup_epochs": 0.0,
-             "loss_normalization": "auto", "lr_schedule": "hf", "on_nonfinite_step": "skip"}
+             "loss_normalization": "auto", "lr_schedule": "hf", "on_nonfinite_step": "skip",
+             "lr_decay_epochs": None, "lr_decay_factor": 0.1}
 
 
 class _StepBatches(list):
@@ -198,6 +202,8 @@ class LargeBatchTrainer(Trainer):
                 num_training_steps=num_training_steps,
                 scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
             )
+        if self._option("lr_decay_epochs"):
+            self._decay_at_epochs(num_training_steps)
         if clock is not None:
             self._run_schedule_on(clock.now, clock.requirement)
         self._created_lr_scheduler = True
@@ -232,6 +238,20 @@ class LargeBatchTrainer(Trainer):
         warning = warmup_warning(self.run_summary)
         if warning:
             logger.warning(warning)
+
+    def _decay_at_epochs(self, schedule_length: int) -> None:
+        """``lr_decay_epochs`` on top of the schedule (``lr_scaling.step_decay``), placed as fractions of the run as
+        the user configured it (epochs, or max_steps at the configured batch)."""
+        if not hasattr(self.lr_scheduler, "lr_lambdas"):
+            raise ValueError(f"lr_decay_epochs needs a LambdaLR schedule; lr_scheduler_type="
+                             f"{self.args.lr_scheduler_type!r} is not one")
+        configured = self._run.configured if self._run is not None else partial(getattr, self.args)
+        max_steps = configured("max_steps")
+        run_epochs = (max_steps / self._update_steps_per_epoch() if max_steps > 0
+                      else configured("num_train_epochs"))
+        milestones = decay_milestones(self._option("lr_decay_epochs"), run_epochs, schedule_length)
+        factor = self._option("lr_decay_factor")
+        self.lr_scheduler.lr_lambdas = [step_decay(f, milestones, factor) for f in self.lr_scheduler.lr_lambdas]
 
     def _run_schedule_on(self, clock, requirement: str) -> None:
         """Evaluate the scheduler's LR lambdas at ``clock()`` instead of at the optimizer step count."""
@@ -294,6 +314,9 @@ class LargeBatchTrainer(Trainer):
                         dataloader_key=None):
         # ``dataloader_drop_last`` keeps the training global batch constant (which LR scaling assumes); HF applies
         # it to evaluation and prediction too, where it would silently leave sentences out of the corpus metric.
+        check_stream_order(dataset, batch_size * self.args.world_size * (
+            self._configured_accumulation() if is_training else 1), is_training, self.args.train_sampling_strategy,
+            batch_changes=self._owner["micro_batches_for_step"] is not None)
         drop_last = self.args.dataloader_drop_last
         if not is_training:
             self.args.dataloader_drop_last = False
@@ -715,8 +738,11 @@ class LargeBatchTrainer(Trainer):
         super()._save_optimizer_and_scheduler(output_dir)
         os.makedirs(output_dir, exist_ok=True)
         states = {alg.name: alg.state_dict() for alg in self.algorithms}
-        torch.save({**states, RUN_RECORD: self._run_record(), NONFINITE_RECORD: self._nonfinite.state_dict()},
-                   self._algorithm_state_path(output_dir))
+        records = {RUN_RECORD: self._run_record(), NONFINITE_RECORD: self._nonfinite.state_dict()}
+        carried = getattr(self.model, "carried_state", None)
+        if carried is not None:
+            records[CARRIED_RECORD] = carried.state_dict()
+        torch.save({**states, **records}, self._algorithm_state_path(output_dir))
 
     def _save_rng_state(self, output_dir: str) -> None:
         # every rank's own files (algorithm state, RNG state) are whole before rank 0 writes trainer_state.json,
@@ -776,6 +802,9 @@ class LargeBatchTrainer(Trainer):
         states = self._read_states(path)
         if NONFINITE_RECORD in states:  # absent from checkpoints written before it was kept
             self._nonfinite.load_state_dict(states[NONFINITE_RECORD])
+        carried = getattr(self.model, "carried_state", None)
+        if carried is not None and CARRIED_RECORD in states:
+            carried.load_state_dict(states[CARRIED_RECORD])
         for alg in algorithms:
             if alg.name not in states:
                 raise KeyError(f"checkpoint {checkpoint} has no state for algorithm {alg.name!r} "

@@ -133,6 +133,52 @@ def lm_chunks(ids: torch.Tensor, seq_len: int) -> LMChunks:
     return LMChunks(ids, seq_len)
 
 
+class LMStreams(torch.utils.data.Dataset):
+    """Stateful LM examples (truncated BPTT, as Zaremba et al. and the TF PTB reader): the token stream is cut into
+    ``num_streams`` contiguous streams of ``L = (N - 1) // num_streams`` tokens (+1 for the last target); example
+    ``i = t * num_streams + s`` is position ``t`` of stream ``s``, ``ids[s*L + t*seq_len : s*L + t*seq_len +
+    seq_len + 1]``, with ``stream_ids = s`` and ``stream_positions = t`` for the model's ``CarriedState``.
+
+    Read in index order (``train_sampling_strategy="sequential"``), each global batch of ``num_streams`` examples
+    is one position of every stream, and a rank's k-th micro-batch holds the same streams at every step (HF and
+    Accelerate hand rank r of W the per-device batches r, r + W, ...), so 1 rank x 2 micro-batches and 2 ranks x 1
+    see the same streams. ``num_streams`` is the global batch: a larger batch means more, shorter streams (as in
+    LEGW's and Goyal-style LSTM scaling, where the batch is the number of parallel streams and the BPTT length is
+    fixed). ``max_positions`` keeps the first positions only (quick runs)."""
+
+    ordered = True  # the trainer refuses any order but the index order
+
+    def __init__(self, ids: torch.Tensor, num_streams: int, seq_len: int, max_positions: int | None = None):
+        if num_streams < 1 or seq_len < 1:
+            raise ValueError(f"num_streams and seq_len must be >= 1, got {num_streams} and {seq_len}")
+        self.ids = ids.long().reshape(-1)
+        self.num_streams, self.seq_len = num_streams, seq_len
+        self.stream_length = (self.ids.numel() - 1) // num_streams
+        positions = self.stream_length // seq_len
+        self.num_positions = positions if max_positions is None else min(max_positions, positions)
+        if self.num_positions < 1:
+            raise ValueError(f"{self.ids.numel()} tokens are too few for {num_streams} streams of at least "
+                             f"{seq_len + 1} tokens: fewer streams (a smaller batch) or a shorter seq_len")
+
+    def __len__(self) -> int:
+        return self.num_positions * self.num_streams
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        position, stream = divmod(i, self.num_streams)
+        start = stream * self.stream_length + position * self.seq_len
+        chunk = self.ids[start: start + self.seq_len + 1]
+        return {"input_ids": chunk, "labels": chunk, "stream_ids": torch.tensor(stream),
+                "stream_positions": torch.tensor(position)}
+
+    @property
+    def num_predicted_tokens(self) -> int:
+        return len(self) * self.seq_len
+
+
 @dataclass
 class LMCorpus:
     """The token streams of a corpus' splits and their vocabulary."""
@@ -142,9 +188,15 @@ class LMCorpus:
     splits: dict[str, torch.Tensor]  # "train" / "validation" / "test" -> 1-D token ids
 
     def chunks(self, split: str, seq_len: int, max_samples: int | None = None) -> LMChunks:
+        return LMChunks(self._split(split), seq_len).select(max_samples)
+
+    def streams(self, split: str, num_streams: int, seq_len: int, max_positions: int | None = None) -> LMStreams:
+        return LMStreams(self._split(split), num_streams, seq_len, max_positions)
+
+    def _split(self, split: str) -> torch.Tensor:
         if split not in self.splits:
             raise KeyError(f"{self.name} has no {split!r} split (it has {', '.join(self.splits)})")
-        return LMChunks(self.splits[split], seq_len).select(max_samples)
+        return self.splits[split]
 
     def num_tokens(self, split: str) -> int:
         return int(self.splits[split].numel())

@@ -10,9 +10,11 @@ model works with ``Trainer``/``LargeBatchTrainer``, ``save_pretrained``/``from_p
   ``logits[:, :-1]`` (mean over tokens whose label is not ``-100``). The class name ends in ``ForCausalLM``, so
   HF sets ``loss_type="ForCausalLM"`` and ``hf_largebatch.loss.shifts_labels`` treats it as shifting labels.
 
-Differences from Zaremba's training set-up, by design of a map-style ``Trainer`` dataset: each example starts
-from a zero state (the hidden state is not carried across batches). Pass ``state=(h, c)`` and
-``return_state=True`` to carry it yourself (evaluation of a continuous stream, generation).
+The state is carried across steps as in Zaremba's set-up when the batch names its streams: with
+``stream_ids`` and ``stream_positions`` (``data.text.LMStreams``), each example starts from the final state its
+stream reached at the previous position, detached (``core.carried_state``, kept in ``model.carried_state`` and
+checkpointed per rank by ``LargeBatchTrainer``). Without them each example starts from a zero state (the stateless
+mode). Pass ``state=(h, c)`` and ``return_state=True`` to carry it yourself (generation).
 
 Dropout is Zaremba's: on the non-recurrent connections only, i.e. on the embeddings, between LSTM layers and on
 the last layer's output before the softmax layer.
@@ -29,6 +31,8 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutput
 from transformers.utils import ModelOutput
+
+from ..core.carried_state import CarriedState
 
 
 @strict
@@ -145,9 +149,18 @@ class LSTMModel(LSTMPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                state: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> LSTMModelOutput:
+                state: tuple[torch.Tensor, torch.Tensor] | None = None, state_after: int | None = None,
+                **kwargs) -> LSTMModelOutput:
+        """``state_after``: return the state after that many tokens instead of after the last (the input is
+        embedded once, so a hook on the embeddings sees ``input_ids`` whole)."""
         _check_right_padding(attention_mask)
-        hidden, state = self.lstm(self.dropout(self.embed_tokens(input_ids)), state)
+        embedded = self.dropout(self.embed_tokens(input_ids))
+        if state_after is None:
+            hidden, state = self.lstm(embedded, state)
+        else:
+            head, state = self.lstm(embedded[:, :state_after], state)
+            tail, _ = self.lstm(embedded[:, state_after:], state)
+            hidden = torch.cat([head, tail], 1)
         return LSTMModelOutput(last_hidden_state=hidden, state=state)
 
 
@@ -161,6 +174,7 @@ class LSTMForCausalLM(LSTMPreTrainedModel):
         self.model = LSTMModel(config)
         self.dropout = nn.Dropout(config.dropout)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.carried_state = CarriedState()  # not a module or buffer: per rank, never broadcast or saved as weights
         self.post_init()
 
     def get_input_embeddings(self):
@@ -182,6 +196,8 @@ class LSTMForCausalLM(LSTMPreTrainedModel):
         labels: torch.LongTensor | None = None,
         state: tuple[torch.Tensor, torch.Tensor] | None = None,
         return_state: bool = False,
+        stream_ids: torch.LongTensor | None = None,
+        stream_positions: torch.LongTensor | None = None,
         **kwargs,
     ) -> LSTMCausalLMOutput:
         """``input_ids`` (batch, seq); ``labels`` as ``input_ids`` with ``-100`` where no loss is wanted (the model
@@ -189,14 +205,31 @@ class LSTMForCausalLM(LSTMPreTrainedModel):
         padding after the last real token cannot change the outputs at real positions (left padding would, and is
         refused). ``num_items_in_batch`` (plain HF ``Trainer`` with gradient accumulation) makes the loss a sum
         divided by it, as HF's causal-LM loss does. With ``return_state`` the output carries ``state``: the LSTM's
-        final ``(h, c)``, to pass back as ``state`` for the next segment of a stream."""
-        base = self.model(input_ids, attention_mask=attention_mask, state=state)
+        final ``(h, c)``, to pass back as ``state`` for the next segment of a stream. ``stream_ids`` and
+        ``stream_positions`` (batch,): carry the state per stream instead (``core.carried_state``)."""
+        if stream_ids is not None:
+            base = self._carried_forward(input_ids, stream_ids, stream_positions, state)
+        else:
+            base = self.model(input_ids, attention_mask=attention_mask, state=state)
         logits = self.lm_head(self.dropout(base.last_hidden_state))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size,
                                       num_items_in_batch=kwargs.get("num_items_in_batch"))
         return LSTMCausalLMOutput(loss=loss, logits=logits, state=base.state if return_state else None)
+
+    def _carried_forward(self, input_ids, stream_ids, stream_positions, state) -> LSTMModelOutput:
+        """A stream example's forward from its stream's carried state. The example's last token is the next
+        example's first (it is only a target here, HF's shifted labels): the state carried on is the one before it,
+        so the next example reads it once, from there."""
+        if state is not None or stream_positions is None:
+            raise ValueError("stream_ids needs stream_positions and no explicit state")
+        weight = self.model.lstm.weight_hh_l0
+        zeros = weight.new_zeros(self.config.num_layers, input_ids.shape[0], self.config.hidden_size)
+        state = self.carried_state.read(self.training, stream_ids, stream_positions, (zeros, zeros))
+        base = self.model(input_ids, state=state, state_after=input_ids.shape[1] - 1)
+        self.carried_state.write(self.training, stream_ids, base.state)
+        return base
 
 
 def _check_right_padding(attention_mask: torch.Tensor | None) -> None:

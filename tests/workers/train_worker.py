@@ -19,7 +19,8 @@ from hf_largebatch.algorithms.adascale import AdaScale
 from hf_largebatch.core.backends import load_deepspeed_config, run_recipe, zero_stage
 from helpers import (BatchNormClassifier, DictDataset, IndexedClassifier, digits_dataset, event_trace_class,
                      flat_params, freeze_batchnorm_statistics, indexed_points, poisoned_points, tiny_bert_classifier,
-                     tiny_gpt2_lm, tiny_resnet, token_dataset, zipf_token_classification)
+                     tiny_gpt2_lm, tiny_lstm_lm, tiny_resnet, token_dataset, token_streams,
+                     zipf_token_classification)
 
 
 class MeanEstimator(torch.nn.Module):
@@ -50,6 +51,8 @@ MODELS = {
                  lambda: points(0.5 + 2 * torch.randn(256, 10, generator=torch.Generator().manual_seed(0)))),
     "linear": (IndexedClassifier, lambda: indexed_points(256)),  # learnable labels, plain float inputs
     "poisoned": (BatchNormClassifier, poisoned_points),  # one NaN example: its step must be skipped
+    # stateful LM: 8 streams (the global batch) whose LSTM state is carried from step to step
+    "lstm_streams": (tiny_lstm_lm, token_streams),
 }
 CALLBACKS = {"adascale_raw": lambda: AdaScale(theta=0.0), "noise_monitor": NoiseScaleMonitor,
              "event_trace": event_trace_class()}
