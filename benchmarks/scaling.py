@@ -45,6 +45,17 @@ TASKS = {
                    "lars": ["--learning_rate", "20.0", "--optim_args", "momentum=0.9"],
                    "autowu_args": "vote_every=5"},
     },
+    "cifar10": {
+        # He et al.'s ResNet-20 on the full CIFAR-10 (JPEG q~75 copy), standard augmentation (4-pixel pad + crop,
+        # flip), SGD momentum 0.9, weight decay 5e-4, cosine decay; evaluated on the full 10,000-image test set
+        "recipe": "recipes/image_classification.py",
+        "args": ["--dataset", "cifar10", "--preset", "resnet20", "--optim", "sgd", "--optim_args", "momentum=0.9",
+                 "--weight_decay", "5e-4", "--lr_scheduler_type", "cosine", "--per_device_eval_batch_size", "500"],
+        "base_batch": 128, "learning_rate": 0.1, "epochs": 30, "warmup_epochs": 1.0,
+        "logging_steps": 50,
+        "metric": "eval_accuracy", "higher_is_better": True,
+        "quick": ["--max_train_samples", "512", "--max_eval_samples", "256"],
+    },
     "lstm": {
         # Zaremba's small LSTM on PTB, stateful (truncated BPTT over B streams), his schedule: SGD lr 1 / clip 5 on
         # the loss summed over 20 time steps == lr 20 / clip 0.25 on the token mean, x0.5 per epoch after epoch 4

@@ -3,10 +3,11 @@
 
 Data: ``--dataset fashion_mnist`` (default) or ``cifar10`` from ``$HF_LARGEBATCH_DATA`` (offline; see
 ``hf_largebatch/data/images.py``), or any ``datasets`` image dataset by hub name or local path (a
-``save_to_disk`` folder, an image folder...). Model: a fresh ResNet from ``--preset`` (``cifar_small``
-default, ``tiny``, ``resnet18``) with any of ``--depths/--hidden_sizes/--embedding_size/--layer_type``
-overriding the preset, or ``--model_name_or_path DIR`` to fine-tune a checkpoint (a different number of labels
-re-initialises the classifier; a 3-channel checkpoint gets grayscale images repeated to RGB).
+``save_to_disk`` folder, an image folder...). Model: a fresh ResNet from ``--preset`` (HF ResNets
+``cifar_small`` default, ``tiny``, ``resnet18``; He et al.'s CIFAR ResNets ``resnet20``, ``resnet56``) with any
+of ``--depths/--hidden_sizes/--embedding_size/--layer_type`` overriding the preset, or ``--model_name_or_path
+DIR`` to fine-tune a checkpoint (a different number of labels re-initialises the classifier; a 3-channel
+checkpoint gets grayscale images repeated to RGB).
 
     python recipes/image_classification.py --dataset cifar10 --output_dir runs/c10 --use_cpu \\
         --per_device_train_batch_size 512 --learning_rate 0.1 --base_batch_size 128 --lr_scaling legw \\
@@ -35,17 +36,24 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
-from transformers import HfArgumentParser, ResNetConfig, ResNetForImageClassification, set_seed
+from transformers import (AutoConfig, AutoModelForImageClassification, HfArgumentParser, ResNetConfig,
+                          ResNetForImageClassification, set_seed)
 
 from hf_largebatch import (ConAdv, ConAdvConfig, LargeBatchArguments, LargeBatchTrainer, evaluate_under_attack,
                            run_recipe, write_summary)
 from hf_largebatch.data.images import ImageClassificationDataset, check_available, load_image_splits
+from hf_largebatch.models import CifarResNetConfig, CifarResNetForImageClassification
 
 
 # Small ResNets for 28-32 pixel images. HF's ResNet keeps its ImageNet stem (7x7 conv stride 2 + max-pool), so a
 # 32x32 image is 8x8 when it reaches the first stage: cheap on CPU, and a checkpoint reloads with plain
 # ``ResNetForImageClassification.from_pretrained``. cifar_small has ResNet-20's widths (16-32-64, 2 basic blocks a
 # stage, 0.18M parameters); tiny (0.02M) is for tests and quick CPU benchmarks.
+#
+# resnet20 / resnet56 are He et al.'s CIFAR ResNets (hf_largebatch.models.cifar_resnet: a 3x3 stem at full
+# resolution, option-A shortcuts; 0.27M / 0.85M parameters), the preset that reaches CIFAR-10's published accuracy.
+CIFAR_RESNETS = {"resnet20": {"depths": [3, 3, 3], "hidden_sizes": [16, 32, 64]},
+                 "resnet56": {"depths": [9, 9, 9], "hidden_sizes": [16, 32, 64]}}
 PRESETS = {
     "tiny": {"depths": [1, 1], "hidden_sizes": [16, 32], "embedding_size": 16, "layer_type": "basic"},
     "cifar_small": {"depths": [2, 2, 2], "hidden_sizes": [16, 32, 64], "embedding_size": 16,
@@ -74,7 +82,9 @@ RECIPE_DEFAULTS = {
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A checkpoint folder (or hub name) to fine-tune instead of a fresh model."})
-    preset: str = field(default="cifar_small", metadata={"help": "Fresh model size.", "choices": list(PRESETS)})
+    preset: str = field(default="cifar_small", metadata={
+        "help": "Fresh model: HF ResNets (tiny, cifar_small, resnet18) or He et al.'s CIFAR ResNets (resnet20, "
+                "resnet56).", "choices": [*PRESETS, *CIFAR_RESNETS]})
     depths: list[int] | None = field(default=None, metadata={"help": "Blocks per stage (overrides the preset)."})
     hidden_sizes: list[int] | None = field(default=None, metadata={"help": "Channels per stage (overrides)."})
     embedding_size: int | None = field(default=None, metadata={"help": "Stem channels (overrides the preset)."})
@@ -112,23 +122,30 @@ def build_model(model_args: ModelArguments, num_channels: int, class_names: list
     id2label = dict(enumerate(class_names))
     label2id = {name: i for i, name in id2label.items()}
     if model_args.model_name_or_path:
-        saved = ResNetConfig.from_pretrained(model_args.model_name_or_path)
+        saved = AutoConfig.from_pretrained(model_args.model_name_or_path)
         mismatch = saved.num_labels != len(class_names)
         if mismatch:
             print(f"{model_args.model_name_or_path} has {saved.num_labels} labels, the data {len(class_names)}: "
                   "the classifier is initialised afresh", file=sys.stderr)
-        return ResNetForImageClassification.from_pretrained(
+        return AutoModelForImageClassification.from_pretrained(
             model_args.model_name_or_path, num_labels=len(class_names), id2label=id2label, label2id=label2id,
             ignore_mismatched_sizes=mismatch)
-    dims = dict(PRESETS[model_args.preset])
+    cifar = model_args.preset in CIFAR_RESNETS
+    dims = dict(CIFAR_RESNETS[model_args.preset] if cifar else PRESETS[model_args.preset])
+    for key in ("embedding_size", "layer_type"):
+        if cifar and getattr(model_args, key) is not None:
+            raise ValueError(f"--{key} is not a setting of the CIFAR ResNets (--preset {model_args.preset}): their "
+                             "stem has hidden_sizes[0] channels and their blocks are basic")
     for key in dims:
         if getattr(model_args, key) is not None:
             dims[key] = getattr(model_args, key)
     if len(dims["depths"]) != len(dims["hidden_sizes"]):
         raise ValueError(f"--depths {dims['depths']} and --hidden_sizes {dims['hidden_sizes']} must have the same "
                          "length (one per stage)")
-    config = ResNetConfig(num_channels=num_channels, downsample_in_first_stage=False, num_labels=len(class_names),
-                          id2label=id2label, label2id=label2id, **dims)
+    labels = {"num_labels": len(class_names), "id2label": id2label, "label2id": label2id}
+    if cifar:
+        return CifarResNetForImageClassification(CifarResNetConfig(num_channels=num_channels, **labels, **dims))
+    config = ResNetConfig(num_channels=num_channels, downsample_in_first_stage=False, **labels, **dims)
     return ResNetForImageClassification(config)
 
 
@@ -182,8 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(training_args.output_dir, exist_ok=True)
     model_info = {"name_or_path": model_args.model_name_or_path or f"preset:{model_args.preset}",
                   "num_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
-                  **{k: getattr(model.config, k) for k in ("depths", "hidden_sizes", "embedding_size",
-                                                           "layer_type", "num_channels", "num_labels")}}
+                  "model_type": model.config.model_type,
+                  **{k: getattr(model.config, k, None) for k in ("depths", "hidden_sizes", "embedding_size",
+                                                                 "layer_type", "num_channels", "num_labels")}}
     summary = write_summary(
         trainer, metrics, os.path.join(training_args.output_dir, "summary.json"),
         task="image_classification", dataset=splits.name, metric_name="eval_accuracy", model=model_info,

@@ -361,3 +361,21 @@ def test_recipe_refuses_a_bad_eval_attack_before_training(tmp_path):
                       tmp_path, check=False)
     assert proc.returncode != 0 and "valid keys: epsilon" in proc.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@cifar10
+def test_recipe_trains_the_cifar_resnet20_and_reloads_it(tmp_path, one_thread):
+    recipe = load_recipe_module()
+    out = tmp_path / "r20"
+    summary = recipe.main(["--dataset", "cifar10", "--preset", "resnet20", "--use_cpu", "--disable_tqdm", "True",
+                           "--output_dir", str(out), "--max_train_samples", "256", "--max_eval_samples", "200",
+                           "--per_device_train_batch_size", "64", "--max_steps", "3", "--report_to", "none"])
+    assert summary["model"]["model_type"] == "cifar_resnet" and summary["model"]["depths"] == [3, 3, 3]
+    assert summary["model"]["num_parameters"] == 269_722 and summary["optimizer_steps"] == 3
+    # the saved model comes back through the recipe's --model_name_or_path (Auto classes) with the same eval loss
+    again = recipe.main(["--dataset", "cifar10", "--model_name_or_path", str(out), "--use_cpu", "--do_train",
+                         "False", "--output_dir", str(tmp_path / "eval"), "--max_eval_samples", "200",
+                         "--report_to", "none", "--disable_tqdm", "True"])
+    assert again["metrics"]["eval_loss"] == pytest.approx(summary["metrics"]["eval_loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="--embedding_size is not a setting of the CIFAR ResNets"):
+        recipe.build_model(recipe.ModelArguments(preset="resnet20", embedding_size=32), 3, [str(i) for i in range(10)])
