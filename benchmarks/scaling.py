@@ -70,6 +70,18 @@ TASKS = {
         "metric": "eval_perplexity", "higher_is_better": False,
         "quick": ["--max_train_samples", "400", "--max_eval_samples", "200"],
     },
+    "multi30k": {
+        # the full Multi30k (29,000 pairs), the small Transformer (d_model 256, 3+3 layers), label smoothing 0.1,
+        # Adam with inverse-sqrt decay after one epoch of warm-up, greedy decoding; BLEU on val each epoch and on
+        # test2016 at the end (sacrebleu)
+        "recipe": "recipes/translation.py",
+        "args": ["--preset", "small", "--optim", "adamw_torch", "--weight_decay", "0.0", "--label_smoothing_factor",
+                 "0.1", "--lr_scheduler_type", "inverse_sqrt", "--generation_num_beams", "1", "--do_predict"],
+        "base_batch": 128, "learning_rate": 1e-3, "epochs": 20, "warmup_epochs": 1.0,
+        "logging_steps": 50,
+        "metric": "eval_bleu", "higher_is_better": True, "extra_metrics": ["test_bleu"],
+        "quick": ["--max_train_samples", "256", "--max_eval_samples", "32", "--max_predict_samples", "32"],
+    },
     "translation": {
         "recipe": "recipes/translation.py",
         "args": ["--preset", "tiny", "--max_train_samples", "6000", "--max_eval_samples", "200",
@@ -121,35 +133,46 @@ def recipe_command(task: dict, multiple: int, method: str, epochs: float, out_di
     return cmd + extra
 
 
+def run_one(cmd: list[str], log_path: Path, threads: int | None = None, heartbeat=None) -> float:
+    """Run a recipe process to its end, its output to ``log_path`` (appended); its wall time. ``heartbeat(wall)``
+    is called every ``HEARTBEAT_S`` while it runs. A failed run raises with the log's tail."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    start = time.perf_counter()
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        while True:
+            try:
+                proc.wait(timeout=HEARTBEAT_S)
+                break
+            except subprocess.TimeoutExpired:
+                if heartbeat is not None:
+                    heartbeat(time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed; see {log_path}:\n{log_path.read_text()[-3000:]}")
+    return wall
+
+
+HEARTBEAT_S = 30.0
+
+
 class Sittings:
     """The wall time a run took over the sittings it needed (a killed benchmark resumes it from its checkpoint):
-    ``sittings.json`` in its folder holds one entry per sitting, rewritten every ``HEARTBEAT_S`` while it runs, so
-    a kill loses at most that much of the record. The total includes the work a resume repeats (the machine spent
-    it)."""
-
-    HEARTBEAT_S = 30.0
+    ``sittings.json`` in its folder holds one entry per sitting, written when it starts and rewritten every
+    ``HEARTBEAT_S`` while it runs, so a kill loses at most that much of the record. The total includes the work a
+    resume repeats (the machine spent it)."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / "sittings.json"
         self.done = json.loads(self.path.read_text()) if self.path.is_file() else []
 
     def run(self, cmd: list[str], log_path: Path, threads: int | None) -> None:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        if threads is not None:
-            env["OMP_NUM_THREADS"] = str(threads)
-        start = time.perf_counter()
-        with open(log_path, "a") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-            while True:
-                try:
-                    proc.wait(timeout=self.HEARTBEAT_S)
-                    break
-                except subprocess.TimeoutExpired:
-                    self._record(time.perf_counter() - start, finished=False)
-        self._record(time.perf_counter() - start, finished=proc.returncode == 0)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed; see {log_path}:\n{log_path.read_text()[-3000:]}")
+        self._record(0.0, finished=False)
+        wall = run_one(cmd, log_path, threads, heartbeat=lambda wall: self._record(wall, finished=False))
+        self._record(wall, finished=True)
 
     def _record(self, wall: float, finished: bool) -> None:
         entry = {"wall_s": wall, "finished": finished, "machine": machine_name()}
@@ -178,12 +201,14 @@ def resume_flags(run_dir: Path) -> list[str]:
     return [] if folder is None else ["--resume_from_checkpoint", folder]
 
 
-def summarise(label, multiple, method, summary: dict, wall: float, metric: str, repeat: int) -> dict:
+def summarise(label, multiple, method, summary: dict, wall: float, metric: str, repeat: int,
+              extra_metrics: tuple[str, ...] = ()) -> dict:
     evals = [h for h in summary["log_history"] if metric in h]
     return {
         "run": label, "multiple": multiple, "method": method, "repeat": repeat,
         "global_batch": summary["global_batch_size"], "scale": summary["scale"],
         "metric": summary["metrics"][metric], "optimizer_steps": summary["optimizer_steps"],
+        "extra_metrics": {name: summary["metrics"].get(name) for name in extra_metrics},
         "examples_seen": summary["examples_seen"], "wall_s": wall,
         "eval_curve": [(h["step"], h[metric]) for h in evals],
         "lr_curve": [(h["step"], h["learning_rate"]) for h in summary["log_history"] if "learning_rate" in h],
@@ -205,13 +230,17 @@ def summarise(label, multiple, method, summary: dict, wall: float, metric: str, 
 def to_markdown(rows: list[dict], task: dict, machine: str) -> str:
     metric = task["metric"]
     base_steps = next((r["optimizer_steps"] for r in rows if r["method"] == "base"), None)
+    extra = task.get("extra_metrics", [])
     lines = [f"Metric `{metric}` ({'higher' if task['higher_is_better'] else 'lower'} is better); {machine}.", "",
-             f"| run | global batch | {metric} | optimizer steps | step speed-up | examples seen | wall time (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"| run | global batch | {metric} | {''.join(f'{m} | ' for m in extra)}optimizer steps | step speed-up | "
+             "examples seen | wall time (s) |",
+             "|---|---:|---:|" + "---:|" * len(extra) + "---:|---:|---:|---:|"]
     for r in rows:
         speedup = f"{base_steps / r['optimizer_steps']:.1f}x" if base_steps else "-"
-        lines.append(f"| {r['run']} | {r['global_batch']} | {r['metric']:.4g} | {r['optimizer_steps']} | {speedup} | "
-                     f"{r['examples_seen']} | {r['wall_s']:.0f} |")
+        values = "".join(f"{r['extra_metrics'][m]:.4g} | " if r["extra_metrics"].get(m) is not None else "- | "
+                         for m in extra)
+        lines.append(f"| {r['run']} | {r['global_batch']} | {r['metric']:.4g} | {values}{r['optimizer_steps']} | "
+                     f"{speedup} | {r['examples_seen']} | {r['wall_s']:.0f} |")
     for r in rows:
         if r.get("autowu_curve"):
             share = r["autowu_gp_seconds"] / r["train_runtime"] if r.get("train_runtime") else float("nan")
@@ -320,7 +349,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=float, help="epoch budget of every run (default: the task's)")
     p.add_argument("--repeats", type=int, default=1, help="runs are interleaved over repeats")
     p.add_argument("--out", help="output folder (default benchmarks/results/<task>)")
-    p.add_argument("--quick", action="store_true", help="CI smoke test: a data subset, 1 epoch, multiples 1 and 2")
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke test: a data subset, 1 epoch (unless --epochs), multiples 1 and 2")
     p.add_argument("--runs", nargs="+", help="only these run labels, e.g. base '8x legw' (default: every combination)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every run trains")
     p.add_argument("--jobs", type=int, default=1,
@@ -333,7 +363,7 @@ def main(argv=None) -> int:
     task = TASKS[opts.task]
     epochs = opts.epochs or task["epochs"]
     if opts.quick:
-        opts.multiples, epochs = [1, 2], 1
+        opts.multiples, epochs = [1, 2], opts.epochs or 1
     out = Path(opts.out or REPO / "benchmarks" / "results" / opts.task)
     out.mkdir(parents=True, exist_ok=True)
     threads = opts.threads or (1 if opts.jobs > 1 else None)
@@ -365,7 +395,7 @@ def main(argv=None) -> int:
             sittings.run(cmd + resume, run_dir / "log.txt", threads)
         wall = sittings.total_s
         summary = json.loads((run_dir / "summary.json").read_text())
-        row = summarise(label, multiple, method, summary, wall, task["metric"], repeat)
+        row = summarise(label, multiple, method, summary, wall, task["metric"], repeat, task.get("extra_metrics", ()))
         print(f"[{label}] {task['metric']}={row['metric']:.4g} steps={row['optimizer_steps']} wall={wall:.0f}s",
               flush=True)
         return row
