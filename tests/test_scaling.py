@@ -255,6 +255,7 @@ def test_lr_decay_epochs_multiply_the_scaled_schedule_at_epoch_boundaries(tmp_pa
     peak = 2 * LR0
     expected = [(peak * t / 4 if t < 4 else peak) * 0.5 ** ((t >= 64) + (t >= 96)) for t in range(TOTAL_STEPS)]
     np.testing.assert_allclose(history.learning_rates, expected, rtol=1e-12, atol=1e-15)
+    assert trainer.run_summary["schedule"] == "constant, x0.5 at epochs 2, 3"  # the start-up summary says it
 
 
 def test_lr_decay_epochs_of_a_max_steps_run_count_epochs_of_the_configured_batch(tmp_path):

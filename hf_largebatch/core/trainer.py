@@ -224,7 +224,7 @@ class LargeBatchTrainer(Trainer):
             "rule": self._option("lr_scaling"),
             "peak_lr": self.args.learning_rate * multiplier,
             "schedule": (f"{shape_owner.name} (decides the LR as it goes)" if shape_owner is not None
-                         else option_name(self.args.lr_scheduler_type)),
+                         else option_name(self.args.lr_scheduler_type) + self._decay_said()),
             "warmup": warmup,
             "clock": clock.unit if clock is not None else "optimizer steps",
             "schedule_length": length,
@@ -252,6 +252,12 @@ class LargeBatchTrainer(Trainer):
         milestones = decay_milestones(self._option("lr_decay_epochs"), run_epochs, schedule_length)
         factor = self._option("lr_decay_factor")
         self.lr_scheduler.lr_lambdas = [step_decay(f, milestones, factor) for f in self.lr_scheduler.lr_lambdas]
+
+    def _decay_said(self) -> str:
+        epochs = self._option("lr_decay_epochs")
+        if not epochs:
+            return ""
+        return f", x{self._option('lr_decay_factor'):g} at epochs {', '.join(f'{e:g}' for e in epochs)}"
 
     def _run_schedule_on(self, clock, requirement: str) -> None:
         """Evaluate the scheduler's LR lambdas at ``clock()`` instead of at the optimizer step count."""
