@@ -167,9 +167,6 @@ def test_adam_uses_sqrt_gain(tmp_path):
     trainer.train()
     alg = trainer.algorithm("adascale")
     assert alg.adam
-    logs = [h for h in trainer.state.log_history if "adascale_gain" in h]
-    last = logs[-1]
-    assert last["learning_rate"] / history.learning_rates[-1] == 1.0
     assert alg.lr_factor() == pytest.approx(math.sqrt(alg.gain))
 
 
@@ -299,3 +296,46 @@ def test_adamscale_resume_is_exact_with_rare_rows(tmp_path):
     later = [s for s in full_gains if s > saved_step]
     assert later and [resumed_gains[s] for s in later] == pytest.approx([full_gains[s] for s in later], rel=1e-6)
     np.testing.assert_allclose(flat_params(resumed_model), flat_params(full_model), rtol=0, atol=1e-6)
+
+
+class _ScaledLossClassifier(__import__("helpers").TinyLinearClassifier):
+    """The tiny classifier with its loss multiplied by ``factor``: Adam's update ignores the factor, raw gradient
+    statistics grow with its square."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x, labels=None):
+        out = super().forward(x, labels)
+        if "loss" in out:
+            out["loss"] = out["loss"] * self.factor
+        return out
+
+
+def test_adamscale_measures_the_gradient_adam_preconditions_not_the_raw_one(tmp_path):
+    """AdamScale's statistics are of g / P: a loss 1000x larger leaves Adam's updates, and so ||g/P||^2, the gain
+    and the whole run unchanged, where raw-gradient statistics would grow 10^6-fold; and they are measured (the gain
+    leaves 1 once rows have MIN_SECOND_MOMENT_SAMPLES steps of history)."""
+    from helpers import random_points
+
+    runs = []
+    for factor in (1.0, 1000.0):
+        args = LargeBatchArguments(output_dir=str(tmp_path / str(factor)), per_device_train_batch_size=8,
+                                   gradient_accumulation_steps=4, max_steps=64, learning_rate=1e-2,
+                                   optim="adamw_torch", weight_decay=0.0, adam_epsilon=1e-12,
+                                   lr_scheduler_type="constant", base_batch_size=8, lr_scaling="adascale",
+                                   use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+                                   disable_tqdm=True, seed=0, max_grad_norm=0.0)
+        trainer = LargeBatchTrainer(model=_ScaledLossClassifier(factor), args=args, train_dataset=random_points(512))
+        trainer.train()
+        runs.append([h for h in trainer.state.log_history if "adascale_gain" in h])
+    small, large = runs
+    measured = [h for h in small if h["step"] > MIN_SECOND_MOMENT_SAMPLES + 1]
+    assert measured and max(h["adascale_gain"] for h in measured) > 1.05
+    assert sum("grad_sqr" in h for h in small) >= 8  # logged once measured
+    for a, b in zip(small, large):
+        assert ("grad_sqr" in a) == ("grad_sqr" in b)
+        if "grad_sqr" in a:
+            assert b["grad_sqr"] == pytest.approx(a["grad_sqr"], rel=1e-3)
+        assert b["adascale_gain"] == pytest.approx(a["adascale_gain"], rel=1e-3)
