@@ -61,6 +61,21 @@ class IndexedClassifier(TinyLinearClassifier):
         return super().forward(x, labels)
 
 
+class IndexedBatchNormClassifier(IndexedClassifier):
+    """``IndexedClassifier`` behind a BatchNorm: running statistics that each rank updates from its own data."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(self.linear.in_features)
+
+    def forward(self, x, labels=None, index=None):
+        return super().forward(self.norm(x), labels, index)
+
+
+def flat_buffers(model) -> list[float]:
+    return [float(v) for b in model.buffers() if b.is_floating_point() for v in b.detach().reshape(-1)]
+
+
 def indexed_points(n: int = 256) -> DictDataset:
     """Learnable points (label: the largest of the first 4 features) with their dataset index."""
     data = random_points(n)

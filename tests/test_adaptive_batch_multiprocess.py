@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
-from helpers import REPO, IndexedClassifier, flat_params, indexed_points, launch, read_rank_results, single_thread
+from helpers import (REPO, IndexedBatchNormClassifier, IndexedClassifier, flat_params, indexed_points, launch,
+                     read_rank_results, single_thread)
 
 _threads = pytest.fixture(autouse=True)(single_thread)
 WORKER = str(REPO / "tests" / "workers" / "adaptive_batch_worker.py")
@@ -57,11 +58,14 @@ def test_local_sgd_averages_every_h_steps_and_trains_locally_in_between(tmp_path
         step = b0["step"]
         before0, before1 = np.array(b0["params"]), np.array(b1["params"])
         assert not np.allclose(before0, before1)  # every step trains on the rank's own gradient
+        assert not np.allclose(b0["buffers"], b1["buffers"])  # BatchNorm statistics of the rank's own data
         if step % 3 == 0:
             np.testing.assert_allclose(a0["params"], (before0 + before1) / 2, atol=1e-6)
-            assert a0["params"] == a1["params"]
+            np.testing.assert_allclose(a0["buffers"], (np.array(b0["buffers"]) + b1["buffers"]) / 2, atol=1e-6)
+            assert a0["params"] == a1["params"] and a0["buffers"] == a1["buffers"]
         else:
             assert a0["params"] == b0["params"] and a1["params"] == b1["params"]
+            assert a0["buffers"] == b0["buffers"]
     assert r0["final_params"] == r1["final_params"]
 
     # resume from the checkpoint of step 3: each rank gets its own momentum back, so the run is the same
@@ -81,7 +85,7 @@ def test_local_sgd_final_checkpoint_holds_the_averaged_weights(tmp_path):
     assert not np.allclose(last0, last1)  # step 8 is not a synchronisation round: the ranks differ before it
     np.testing.assert_allclose(r0["final_params"], (last0 + last1) / 2, atol=1e-6)
     saved = load_file(str(tmp_path / "checkpoint-8" / "model.safetensors"))
-    checkpoint = torch.cat([saved[name].reshape(-1) for name in IndexedClassifier().state_dict()])
+    checkpoint = torch.cat([saved[name].reshape(-1) for name, _ in IndexedBatchNormClassifier().named_parameters()])
     np.testing.assert_allclose(checkpoint.numpy(), r0["final_params"], atol=1e-6)
 
 

@@ -2,7 +2,8 @@
 
 Usage: adaptive_batch_worker.py OUT_DIR MODE [CHECKPOINT]
   ddp_adaptive    DDP, norm test, 1 micro-batch per rank to start
-  local_sgd       local SGD with H = 3, fixed batch, checkpoints every 3 steps (CHECKPOINT: resume from it)
+  local_sgd       local SGD with H = 3, fixed batch, checkpoints every 3 steps (CHECKPOINT: resume from it);
+                  the local_sgd modes train a model with BatchNorm (running statistics to average)
   local_adaptive  local SGD with H = 2 and the norm test at synchronisation rounds
   local_sgd_final local SGD with H = 3 and max_steps = 8: the final checkpoint falls between two rounds
 
@@ -20,7 +21,7 @@ from transformers import TrainerCallback
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
 from hf_largebatch import AdaptiveBatch, LocalSGD
-from helpers import IndexedClassifier, flat_params, indexed_points
+from helpers import IndexedBatchNormClassifier, IndexedClassifier, flat_buffers, flat_params, indexed_points
 
 MICRO = 8
 
@@ -33,7 +34,7 @@ class Snapshot(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.store.append({"step": state.global_step, "params": flat_params(self.model).tolist(),
-                           "examples": len(self.model.seen) - self.start})
+                           "buffers": flat_buffers(self.model), "examples": len(self.model.seen) - self.start})
         self.start = len(self.model.seen)
 
 
@@ -55,7 +56,8 @@ def main(out_dir: str, mode: str, resume: str | None = None) -> None:
                                lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, use_cpu=True,
                                report_to=[], logging_steps=1, disable_tqdm=True, seed=0,
                                data_seed=0, dataloader_drop_last=True, **options)
-    model = IndexedClassifier()
+    # local SGD averages floating-point buffers with the parameters: its model has BatchNorm running statistics
+    model = IndexedBatchNormClassifier() if mode.startswith("local_sgd") else IndexedClassifier()
     before, after = [], []
     trainer = LargeBatchTrainer(model=model, args=args, train_dataset=indexed_points(),
                                 callbacks=[Snapshot(model, before)])
