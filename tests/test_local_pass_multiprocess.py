@@ -6,6 +6,7 @@ import pytest
 
 from helpers import launch, read_rank_results
 from test_multiprocess import assert_two_consistent_ranks, run_workers
+from workers.train_worker import run_one
 
 pytestmark = pytest.mark.multiprocess
 
@@ -14,6 +15,15 @@ CONADV_RUNS = [{"name": f"conadv_{kind}", "model": kind, "per_device": 4, "ga": 
 EXTRAP_RUNS = [{"name": f"extrap_{kind}", "model": kind, "per_device": 4, "ga": 2, "steps": 3, "lr": 0.1,
                 "args": {"extrapolation": "fresh", "optim_args": "momentum=0.9,nesterov=True"}}
                for kind in ("resnet", "gpt2")]
+
+# Deterministic variants, for a single-process reference (2 ranks x 4 x 2 = 1 x 4 x 4): ConAdv without random starts
+# (they are drawn per rank and micro-batch), EXTRAP-SGD along the previous step's reduced gradient (the same on every
+# rank; 'fresh' takes each rank's own first micro-batch, which one process cannot reproduce)
+REFERENCE_RUNS = [{**run, "name": f"{run['name']}_det", "args": {**run["args"], **change}}
+                  for run, change in [(CONADV_RUNS[0], {"adversarial_args": "epsilon=0.05,random_start=0"}),
+                                      (CONADV_RUNS[1], {"adversarial_args": "epsilon=0.05,random_start=0"}),
+                                      (EXTRAP_RUNS[0], {"extrapolation": "past"}),
+                                      (EXTRAP_RUNS[1], {"extrapolation": "past"})]]
 
 
 def test_local_passes_issue_no_collective(tmp_path):
@@ -28,7 +38,7 @@ def test_local_passes_issue_no_collective(tmp_path):
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
-    return run_workers(tmp_path_factory.mktemp("ddp_runs"), CONADV_RUNS + EXTRAP_RUNS)
+    return run_workers(tmp_path_factory.mktemp("ddp_runs"), CONADV_RUNS + EXTRAP_RUNS + REFERENCE_RUNS)
 
 
 @pytest.mark.parametrize("run", CONADV_RUNS + EXTRAP_RUNS, ids=lambda run: run["name"])
@@ -37,6 +47,18 @@ def test_ddp_ranks_stay_consistent(ddp_runs, run):
     assert_two_consistent_ranks(r0, r1)
     key = "adversarial_attack_loss" if "adversarial" in run["args"] else "extrapolation_distance"
     assert all(h[key] > 0 for h in r0["log_history"][:-1])
+
+
+@pytest.mark.parametrize("run", REFERENCE_RUNS, ids=lambda run: run["name"])
+def test_ddp_matches_one_process(ddp_runs, run):
+    """A defect on the DDP path that both ranks share (both would still agree) shows against one process."""
+    r0, r1 = (r[run["name"]] for r in ddp_runs)
+    assert_two_consistent_ranks(r0, r1)
+    single = run_one({**run, "ga": 4}, None)
+    np.testing.assert_allclose(r0["params"], single["params"], rtol=0, atol=1e-5)
+    key = "adversarial_attack_loss" if "adversarial" in run["args"] else "extrapolation_distance"
+    np.testing.assert_allclose([h[key] for h in r0["log_history"][:-1]],
+                               [h[key] for h in single["log_history"][:-1]], rtol=1e-4)
 
 
 @pytest.mark.parametrize("run", CONADV_RUNS + EXTRAP_RUNS, ids=lambda run: run["name"])

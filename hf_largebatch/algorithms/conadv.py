@@ -386,12 +386,16 @@ class ConAdv(Algorithm):
 
     def log_metrics(self) -> dict[str, float]:
         """``adversarial_attack_loss``: the attack model's loss at the attack's start points (mean since the last
-        log; for conadv that is the stale model's), read here so the training loop never waits for it."""
+        log over every rank's micro-batches, as HF's ``loss``; for conadv that is the stale model's), read here so
+        the training loop never waits for it. Every rank logs (HF's loss gather is a collective too) with the same
+        count of attacks, so all take part in the one all-reduce or none does."""
         if not self._loss_count:
             return {}
-        mean = float(self._loss_sum) / self._loss_count
+        totals = torch.tensor([float(self._loss_sum), float(self._loss_count)], dtype=torch.float64,
+                              device=backends.collective_device())
+        total, count = backends.all_reduce_sum(totals).tolist()
         self._loss_sum, self._loss_count = 0.0, 0
-        return {"adversarial_attack_loss": mean}
+        return {"adversarial_attack_loss": total / count}
 
     # checkpoint state: the attack copy's weights (the stale w_{t-1}); the generator needs none (seeded per step)
     def state_dict(self) -> dict[str, Any]:
