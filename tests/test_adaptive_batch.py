@@ -289,3 +289,27 @@ def test_local_sgd_measures_the_statistics_only_at_synchronisation_rounds(tmp_pa
     trainer, _, _ = run(tmp_path, "norm", callbacks=[StateProbe()], local_sgd_steps=2, max_steps=8)
     rounds = [step for step in range(trainer.state.global_step) if (step + 1) % 2 == 0]  # H = 2, 0-based steps
     assert rounds and steps_measured == rounds
+
+
+def test_logged_metrics_are_the_decisions_of_each_step(tmp_path):
+    """README: every log carries samples so far, the test's requested_batch, the batch_size it decided (the next
+    step's) and, for the per-example tests, inner_product_var and orthogonal_var; scale is that batch over the
+    initial one."""
+    trainer, _, _ = run(tmp_path, "augmented")
+    alg = trainer.algorithm("adaptive_batch")
+    logs = [h for h in trainer.state.log_history if "batch_size" in h]
+    assert len(logs) == len(alg.history) and max(h["batch_size"] for h in logs) > logs[0]["batch_size"]
+    samples, in_effect = 0, 16
+    for h, (seen, batch, requested) in zip(logs, alg.history):
+        samples += min(in_effect, 256 - samples % 256)  # an epoch's last step takes what is left of it
+        assert (h["samples"], h["batch_size"], h["requested_batch"]) == (seen, batch, requested)
+        assert h["samples"] == samples
+        in_effect = h["batch_size"]
+        assert h["scale"] == h["batch_size"] / 16
+        assert h["inner_product_var"] > 0 and h["orthogonal_var"] > 0
+
+
+def test_local_sgd_logs_its_synchronisations(tmp_path):
+    trainer, _, _ = run(tmp_path, "none", adaptive_batch_args=None, local_sgd_steps=4, max_steps=10)
+    logs = [h for h in trainer.state.log_history if "local_sgd_syncs" in h]
+    assert [h["local_sgd_syncs"] for h in logs] == [h["step"] // 4 for h in logs[:-1]] + [3]  # + the final one

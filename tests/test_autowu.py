@@ -123,6 +123,15 @@ def test_real_training_run_switches_and_applies_its_lr(tmp_path):
     assert logs[0]["autowu_phase"] == 0 and logs[-1]["autowu_phase"] == 1
     assert logs[-1]["autowu_switch_step"] == c.switch_step
     assert logs[-1]["autowu_votes"] == len(c.votes)
+    # README: each log carries the last vote's probability and predicted LR and the run of yes-votes so far
+    voted = [h for h in logs if h["autowu_votes"] > 0]
+    assert voted and "autowu_vote_probability" not in logs[0]
+    for h in voted:
+        so_far = c.votes[:int(h["autowu_votes"])]
+        _, _, probability, predicted_lr = so_far[-1]
+        assert (h["autowu_vote_probability"], h["autowu_predicted_lr"]) == (probability, predicted_lr)
+        trailing = len(so_far) - max((i + 1 for i, vote in enumerate(so_far) if not vote[1]), default=0)
+        assert h["autowu_consecutive_yes"] == trailing
 
 
 def test_resume_in_the_middle_of_warm_up(tmp_path):

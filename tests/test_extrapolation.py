@@ -192,3 +192,18 @@ def test_extrapolation_distance_is_the_ratio_times_the_steps_lr_times_the_direct
     for previous, entry in zip(logs, logs[1:]):
         expected = 0.5 * entry["learning_rate"] * previous["grad_norm"]
         assert entry["extrapolation_distance"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_past_direction_is_the_previous_steps_clipped_gradient(tmp_path):
+    """README: 'past' extrapolates along the previous step's *clipped* gradient: with max_grad_norm below every
+    step's norm, the distance is ratio x lr_t x max_grad_norm (HF logs the norm before clipping)."""
+    clip = 0.05
+    trainer = LargeBatchTrainer(model=TinyLinearClassifier(),
+                                args=make_args(tmp_path, "past", steps=4, max_grad_norm=clip,
+                                               extrapolation_ratio=0.5),
+                                train_dataset=random_points(256))
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "extrapolation_distance" in entry]
+    assert all(entry["grad_norm"] > 2 * clip for entry in logs)  # clipping acts at every step
+    for entry in logs[1:]:
+        assert entry["extrapolation_distance"] == pytest.approx(0.5 * entry["learning_rate"] * clip, rel=1e-5)
