@@ -339,3 +339,20 @@ def test_adamscale_measures_the_gradient_adam_preconditions_not_the_raw_one(tmp_
         if "grad_sqr" in a:
             assert b["grad_sqr"] == pytest.approx(a["grad_sqr"], rel=1e-3)
         assert b["adascale_gain"] == pytest.approx(a["adascale_gain"], rel=1e-3)
+
+
+def test_saves_and_epoch_strategies_follow_progress(tmp_path):
+    """README: the save cadence and the 'epoch' strategies run on progress tau (base-batch steps; a base epoch is
+    256 / 8 = 32 of them), and the logged epoch is tau over it."""
+    trainer, _, _ = make(tmp_path, base=8, epochs=2, save_strategy="steps", save_steps=16, eval_strategy="epoch",
+                         eval_dataset=digits_dataset(64))
+    trainer.train()
+    logs = {h["step"]: h for h in trainer.state.log_history if "progress" in h}
+    before = {step: logs.get(step - 1, {"progress": 0.0})["progress"] for step in logs}
+    crossed = [step for step in sorted(logs) if math.floor(logs[step]["progress"] / 16) > before[step] // 16]
+    saved = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("checkpoint-*"))
+    assert saved == crossed and len(saved) >= 3  # each 16 base steps of progress (64 in all), the last included
+    evals = [h["step"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert [math.floor(logs[s]["progress"] / 32) for s in evals] == [1, 2]  # one per base epoch of progress
+    for h in logs.values():
+        assert h["epoch"] == pytest.approx(h["progress"] / 32, rel=1e-6)

@@ -292,3 +292,31 @@ def test_relative_epsilon_resumes_with_the_radius_of_the_run_start():
     resumed.on_train_begin(None, None, None, model=trained)
     assert resumed.config.embedding_rms == first.config.embedding_rms
     assert ConAdvConfig(relative_epsilon=0.1).resolved(trained).embedding_rms != first.config.embedding_rms
+
+
+class _TwoInputs(torch.nn.Module):
+    """Logits from two float inputs: only the one ConAdv is told to perturb may move."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+
+    def forward(self, features, extra, labels=None):
+        return {"logits": self.a(features) + self.b(extra)}
+
+
+def test_input_name_chooses_the_perturbed_input():
+    """README: ConAdv perturbs pixel_values / input_values / input_features, or input_ids through the embeddings,
+    unless ``input_name`` names another float input."""
+    g = torch.Generator().manual_seed(0)
+    inputs = {"features": torch.randn(8, 4, generator=g), "extra": torch.randn(8, 4, generator=g),
+              "labels": torch.randint(0, 3, (8,), generator=g)}
+    for name in ("features", "extra"):
+        key, delta, _ = perturbation(_TwoInputs(), inputs, ConAdvConfig(epsilon=0.1, input_name=name),
+                                     torch.Generator().manual_seed(1), shift_labels=False)
+        assert key == name and delta.shape == inputs[name].shape and delta.abs().max() > 0.05
+    with pytest.raises(ValueError, match="input_name"):  # neither is a standard input: the user must choose
+        perturbation(_TwoInputs(), inputs, ConAdvConfig(epsilon=0.1), torch.Generator(), shift_labels=False)
+    with pytest.raises(KeyError, match="'missing' is not in the batch"):
+        perturbation(_TwoInputs(), inputs, ConAdvConfig(epsilon=0.1, input_name="missing"), torch.Generator(),
+                     shift_labels=False)
