@@ -207,3 +207,26 @@ def test_past_direction_is_the_previous_steps_clipped_gradient(tmp_path):
     assert all(entry["grad_norm"] > 2 * clip for entry in logs)  # clipping acts at every step
     for entry in logs[1:]:
         assert entry["extrapolation_distance"] == pytest.approx(0.5 * entry["learning_rate"] * clip, rel=1e-5)
+
+
+def test_noise_direction_is_drawn_per_rank_and_step():
+    """README: 'noise' draws per rank from (seed, step, rank): each rank extrapolates along its own draw, the same
+    draw again on a resume of that step."""
+    from types import SimpleNamespace
+
+    from hf_largebatch.algorithms.extrapolation import Extrapolation
+
+    def displacement(rank, step):
+        model = TinyLinearClassifier()
+        start = [p.detach().clone() for p in model.parameters()]
+        alg = Extrapolation("noise", ratio=0.5)
+        alg.on_train_step_begin(SimpleNamespace(seed=0, process_index=rank), SimpleNamespace(global_step=step), None,
+                                model=model, local_gradient=None, scheduled_lr=0.2)
+        return [(s - p.detach()) / (0.5 * 0.2) for s, p in zip(start, model.parameters())]
+
+    for rank in (0, 1):
+        generator = torch.Generator().manual_seed(noise_seed(0, 5, rank))
+        for d, p in zip(displacement(rank, 5), TinyLinearClassifier().parameters()):
+            torch.testing.assert_close(d, torch.randn(p.shape, generator=generator), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(displacement(0, 5)[0], displacement(1, 5)[0])
+    assert not torch.allclose(displacement(0, 5)[0], displacement(0, 6)[0])
