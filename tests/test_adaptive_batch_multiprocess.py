@@ -51,6 +51,17 @@ def test_ddp_adaptive_batch_matches_one_rank_and_agrees_across_ranks(tmp_path):
     np.testing.assert_allclose(flat_params(model), r0["final_params"], atol=1e-6)
 
 
+def test_ranks_that_wish_different_batches_take_the_largest(tmp_path):
+    """README: the decision is the max over ranks, so the ranks never disagree on the batch (rank 1 wishes one
+    micro-batch more here): both take rank 1's wish, from the first decision on."""
+    r0, r1 = run_worker(tmp_path / "unequal", "ddp_adaptive_unequal")
+    assert r0["history"] == r1["history"] and r0["final_params"] == r1["final_params"]
+    assert [s["examples"] for s in r0["before"]] == [s["examples"] for s in r1["before"]]
+    equal, _ = run_worker(tmp_path / "equal", "ddp_adaptive")  # the same run up to its first decision
+    per_micro_batch = 2 * 8  # 2 ranks x 8 examples
+    assert r0["history"][0][1] == equal["history"][0][1] + per_micro_batch  # rank 1's wish, one micro-batch more
+
+
 def test_local_sgd_averages_every_h_steps_and_trains_locally_in_between(tmp_path):
     r0, r1 = run_worker(tmp_path, "local_sgd")
     assert r0["syncs"] == r1["syncs"] == 3 and r0["global_step"] == 9

@@ -2,6 +2,7 @@
 
 Usage: adaptive_batch_worker.py OUT_DIR MODE [CHECKPOINT]
   ddp_adaptive    DDP, norm test, 1 micro-batch per rank to start
+  ddp_adaptive_unequal  the same, rank 1 wishing one micro-batch more than rank 0: both take the larger
   local_sgd       local SGD with H = 3, fixed batch, checkpoints every 3 steps (CHECKPOINT: resume from it);
                   the local_sgd modes train a model with BatchNorm (running statistics to average)
   local_adaptive  local SGD with H = 2 and the norm test at synchronisation rounds
@@ -43,6 +44,8 @@ def main(out_dir: str, mode: str, resume: str | None = None) -> None:
     options = {
         "ddp_adaptive": dict(gradient_accumulation_steps=1, adaptive_batch="norm",
                              adaptive_batch_args="max_batch_size=64,eta=0.5,smoothing=0"),
+        "ddp_adaptive_unequal": dict(gradient_accumulation_steps=1, adaptive_batch="norm",
+                                     adaptive_batch_args="max_batch_size=64,eta=0.5,smoothing=0"),
         "local_sgd": dict(gradient_accumulation_steps=1, local_sgd_steps=3, max_steps=9, save_strategy="steps",
                           save_steps=3),
         "local_sgd_final": dict(gradient_accumulation_steps=1, local_sgd_steps=3, max_steps=8,
@@ -51,6 +54,12 @@ def main(out_dir: str, mode: str, resume: str | None = None) -> None:
                                adaptive_batch_args="max_batch_size=128,eta=0.5,smoothing=0"),
     }[mode]
     options.setdefault("save_strategy", "no")
+    if mode == "ddp_adaptive_unequal":  # the ranks' wishes differ (as float sums can in their last bit): rank 1
+        import hf_largebatch.algorithms.adaptive_batch as adaptive  # asks one micro-batch more than rank 0
+
+        wished = adaptive.grown_accumulation
+        rank = int(__import__("os").environ["RANK"])
+        adaptive.grown_accumulation = lambda *a, **k: min(wished(*a, **k) + rank, 8)
     args = LargeBatchArguments(output_dir=out_dir, per_device_train_batch_size=MICRO, num_train_epochs=2,
                                optim="sgd", optim_args="momentum=0.9", learning_rate=0.1,
                                lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, use_cpu=True,
