@@ -10,6 +10,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_largebatch import Algorithm, LargeBatchArguments, LargeBatchTrainer, LRHistory
+from hf_largebatch.core.statistics import BiasCorrectedEMA
 from hf_largebatch.algorithms.adaptive_batch import (AdaptiveBatch, AdaptiveBatchConfig, example_variances,
                                                     grown_accumulation, inner_product_test_batch, norm_test_batch,
                                                     orthogonality_test_batch)
@@ -333,3 +334,24 @@ def test_the_lr_rule_follows_the_batch_and_tests_run_every_test_interval_steps(t
         if h["step"] % 3:
             assert h["batch_size"] == in_effect  # no test at this step: the batch stays
         in_effect = h["batch_size"]
+
+
+def test_smoothing_averages_the_tests_statistics_over_steps(tmp_path):
+    """README: the test's numerator and denominator are smoothed apart (bias-corrected EMA, ``smoothing``) and the
+    norm test asks for B_simple / eta^2 of the smoothed pair. With the batch capped at its start both runs train
+    alike, so the smoothed run's statistics are the EMA of the unsmoothed run's per-step ones."""
+    def logs(smoothing):
+        trainer, _, _ = run(tmp_path / str(smoothing), "norm",
+                            adaptive_batch_args=f"max_batch_size=16,eta=0.5,smoothing={smoothing}")
+        return [h for h in trainer.state.log_history if "grad_var" in h]
+
+    raw, smoothed = logs(0), logs(0.9)
+    assert len(raw) == len(smoothed) > 10
+    sqr, var = BiasCorrectedEMA(0.9), BiasCorrectedEMA(0.9)
+    for r, s in zip(raw, smoothed):
+        sqr.update(r["grad_sqr"])
+        var.update(r["grad_var"])
+        assert s["grad_sqr"] == pytest.approx(sqr.value, rel=1e-6, abs=1e-9)
+        assert s["grad_var"] == pytest.approx(var.value, rel=1e-6)
+        if s["grad_sqr"] > 0:
+            assert s["requested_batch"] == pytest.approx(s["noise_scale"] / 0.5 ** 2, rel=1e-6)
