@@ -57,6 +57,17 @@ TASKS = {
         "quick": ["--max_train_samples", "512", "--max_eval_samples", "256"],
     },
     "lstm": {
+        # the first LSTM table's task (BENCHMARKS.md): the tiny LSTM on a PTB subset, stateless 35-token chunks
+        "recipe": "recipes/language_modeling_lstm.py",
+        # Zaremba's SGD lr 1 / clip 5 on the summed-over-time loss == lr 35 / clip 5/35 on the token mean
+        "args": ["--dataset", "ptb", "--preset", "tiny", "--stateful", "False", "--max_train_samples", "4000",
+                 "--max_eval_samples", "1000", "--optim", "sgd", "--max_grad_norm", "0.142857",
+                 "--lr_scheduler_type", "cosine"],
+        "base_batch": 20, "learning_rate": 35.0, "epochs": 2, "warmup_epochs": 0.1,
+        "metric": "eval_perplexity", "higher_is_better": False,
+        "quick": ["--max_train_samples", "400", "--max_eval_samples", "100"],
+    },
+    "ptb": {
         # Zaremba's small LSTM on PTB, stateful (truncated BPTT over B streams), his schedule: SGD lr 1 / clip 5 on
         # the loss summed over 20 time steps == lr 20 / clip 0.25 on the token mean, x0.5 per epoch after epoch 4
         "recipe": "recipes/language_modeling_lstm.py",

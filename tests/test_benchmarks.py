@@ -114,7 +114,7 @@ def test_scaling_resumes_a_killed_run_from_its_checkpoint_and_skips_finished_one
     import signal
     import time
 
-    command = [sys.executable, "benchmarks/scaling.py", "--task", "lstm", "--quick", "--epochs", "3", "--runs",
+    command = [sys.executable, "benchmarks/scaling.py", "--task", "ptb", "--quick", "--epochs", "3", "--runs",
                "base"]
     out = tmp_path / "killed"
     proc = subprocess.Popen([*command, "--out", str(out)], cwd=REPO, stdout=subprocess.DEVNULL,
