@@ -273,3 +273,10 @@ def test_lr_decay_epochs_of_a_max_steps_run_count_epochs_of_the_configured_batch
 def test_bad_lr_decay_is_refused_before_training(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         train_and_record(tmp_path, 1, lr_scheduler_type="constant", **settings)
+
+
+def test_lr_decay_with_max_steps_on_adascales_clock_is_refused(tmp_path):
+    """AdaScale's max_steps counts base-batch steps of progress: epochs of the run cannot be read from it."""
+    with pytest.raises(ValueError, match="give the budget as num_train_epochs"):
+        train_and_record(tmp_path, 4, lr_scaling="adascale", lr_scheduler_type="constant", max_steps=64,
+                         lr_decay_epochs=[1.0], lr_decay_factor=0.5)

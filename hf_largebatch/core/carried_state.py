@@ -1,6 +1,6 @@
 """A recurrent model's state carried across steps, one slot per stream (truncated BPTT, Zaremba et al. 2014).
 
-The corpus is cut into B parallel streams (``data.streams.LMStreams``); the example of stream ``s`` at position
+The corpus is cut into B parallel streams (``data.text.LMStreams``); the example of stream ``s`` at position
 ``t`` continues the one at ``t - 1``. A model that owns a ``CarriedState`` (as ``model.carried_state``) starts
 each example from the final state its stream reached one position earlier, detached, and from zeros at position
 0 (each epoch's and each evaluation's start).
@@ -102,9 +102,6 @@ class CarriedState:
         for end, final in zip(store.end, state):
             end[:, ids.to(end.device)] = final.detach().to(end.dtype)
         store.has_end[ids] = True
-
-    def reset(self) -> None:
-        self._stores = {True: _Store(), False: _Store()}
 
     def state_dict(self) -> dict:
         """The training streams only: an evaluation always starts its own at position 0."""

@@ -203,7 +203,7 @@ class LargeBatchTrainer(Trainer):
                 scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
             )
         if self._option("lr_decay_epochs"):
-            self._decay_at_epochs(num_training_steps)
+            self._decay_at_epochs(num_training_steps, clock)
         if clock is not None:
             self._run_schedule_on(clock.now, clock.requirement)
         self._created_lr_scheduler = True
@@ -239,14 +239,18 @@ class LargeBatchTrainer(Trainer):
         if warning:
             logger.warning(warning)
 
-    def _decay_at_epochs(self, schedule_length: int) -> None:
+    def _decay_at_epochs(self, schedule_length: int, clock) -> None:
         """``lr_decay_epochs`` on top of the schedule (``lr_scaling.step_decay``), placed as fractions of the run as
-        the user configured it (epochs, or max_steps at the configured batch)."""
+        the user configured it (epochs, or max_steps at the configured batch; on another clock max_steps may count
+        other steps, so there only epochs are taken)."""
         if not hasattr(self.lr_scheduler, "lr_lambdas"):
             raise ValueError(f"lr_decay_epochs needs a LambdaLR schedule; lr_scheduler_type="
                              f"{self.args.lr_scheduler_type!r} is not one")
         configured = self._run.configured if self._run is not None else partial(getattr, self.args)
         max_steps = configured("max_steps")
+        if max_steps > 0 and clock is not None:
+            raise ValueError(f"lr_decay_epochs with max_steps: the schedule runs on {clock.unit}, where max_steps "
+                             "is not a count of epochs of this batch; give the budget as num_train_epochs")
         run_epochs = (max_steps / self._update_steps_per_epoch() if max_steps > 0
                       else configured("num_train_epochs"))
         milestones = decay_milestones(self._option("lr_decay_epochs"), run_epochs, schedule_length)
