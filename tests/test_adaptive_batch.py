@@ -316,12 +316,14 @@ def test_local_sgd_logs_its_synchronisations(tmp_path):
     assert [h["local_sgd_syncs"] for h in logs] == [h["step"] // 4 for h in logs[:-1]] + [3]  # + the final one
 
 
-def test_the_lr_rule_follows_the_batch_and_tests_run_every_test_interval_steps(tmp_path):
-    """README: with lr_scaling the LR is the rule's at each step's batch (sqrt: lr0 x sqrt(B_t / B0)); with
-    test_interval=3 the test runs at every 3rd step only, so the batch can change only after those."""
+@pytest.mark.parametrize("rule, warmup", [("sqrt", {}), ("legw", {"legw_base_warmup_epochs": 4 / 16})])
+def test_the_lr_rule_follows_the_batch_and_tests_run_every_test_interval_steps(tmp_path, rule, warmup):
+    """README: with lr_scaling the LR is the rule's at each step's batch (sqrt and LEGW after its warm-up:
+    lr0 x sqrt(B_t / B0)); with test_interval=3 the test runs at every 3rd step only, so the batch can change only
+    after those."""
     history = LRHistory(16)
     trainer, _, sizes = run(tmp_path, "norm", extra=",eta=0.5,test_interval=3", callbacks=[history],
-                            lr_scaling="sqrt", base_batch_size=16)
+                            lr_scaling=rule, base_batch_size=16, **warmup)
     alg = trainer.algorithm("adaptive_batch")
     logs = [h for h in trainer.state.log_history if "batch_size" in h]
     tested = [h["step"] for h in logs if h["step"] % 3 == 0]
@@ -330,7 +332,8 @@ def test_the_lr_rule_follows_the_batch_and_tests_run_every_test_interval_steps(t
     for h, lr in zip(logs, history.learning_rates):
         batch = min(in_effect, 256 - samples % 256)  # an epoch's last step takes what is left, at its own LR
         samples += batch
-        assert lr == pytest.approx(0.1 * math.sqrt(batch / 16), rel=1e-12)
+        ramp = min(h["step"] - 1, 4) / 4 if warmup else 1.0  # LEGW: 4 / 16 epoch = 4 steps of the initial batch
+        assert lr == pytest.approx(0.1 * math.sqrt(batch / 16) * ramp, rel=1e-12)
         if h["step"] % 3:
             assert h["batch_size"] == in_effect  # no test at this step: the batch stays
         in_effect = h["batch_size"]
