@@ -253,6 +253,13 @@ def to_markdown(rows: list[dict], task: dict, machine: str) -> str:
         lines.append(f"| {r['run']} | {r['global_batch']} | {r['metric']:.4g} | {values}{r['optimizer_steps']} | "
                      f"{speedup} | {r['examples_seen']} | {r['wall_s']:.0f} |")
     for r in rows:
+        if r["method"] == "adascale" and base_steps:
+            # Johnson et al.'s step efficiency: the ideal T_base / S steps over the steps AdaScale took (the paper
+            # reports 73% at S = 16 for ResNet-18 on CIFAR-10)
+            ideal = base_steps / r["scale"]
+            lines.append(f"\nAdaScale {r['run']}: {r['optimizer_steps']} steps against the ideal T_base / S = "
+                         f"{ideal:.0f}: step efficiency {100 * ideal / r['optimizer_steps']:.0f}%.")
+    for r in rows:
         if r.get("autowu_curve"):
             share = r["autowu_gp_seconds"] / r["train_runtime"] if r.get("train_runtime") else float("nan")
             lr_at_switch = next((lr for step, lr in r["lr_curve"] if step == (r["autowu_switch_step"] or 0) + 1), None)

@@ -138,3 +138,17 @@ def test_scaling_resumes_a_killed_run_from_its_checkpoint_and_skips_finished_one
     run([*command[1:]], straight)
     metric = [json.loads((folder / "results.json").read_text())["runs"][0]["metric"] for folder in (out, straight)]
     assert metric[0] == metric[1]
+
+
+def test_scaling_table_gives_adascales_step_efficiency():
+    """Johnson et al.'s measure beside the paper's: the ideal T_base / S steps over the steps AdaScale took."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import scaling
+
+    def row(run, method, steps, scale):
+        return {"run": run, "method": method, "global_batch": 20 * scale, "metric": 1.0, "extra_metrics": {},
+                "optimizer_steps": steps, "examples_seen": 0, "wall_s": 0.0, "scale": scale}
+
+    table = scaling.to_markdown([row("base", "base", 1600, 1), row("16x adascale", "adascale", 137, 16)],
+                                scaling.TASKS["ptb"], "machine")
+    assert "137 steps against the ideal T_base / S = 100: step efficiency 73%" in table
