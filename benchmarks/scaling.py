@@ -51,7 +51,8 @@ TASKS = {
         "recipe": "recipes/image_classification.py",
         "args": ["--dataset", "cifar10", "--preset", "resnet20", "--optim", "sgd", "--optim_args", "momentum=0.9",
                  "--weight_decay", "5e-4", "--lr_scheduler_type", "cosine", "--per_device_eval_batch_size", "500"],
-        "base_batch": 128, "learning_rate": 0.1, "epochs": 30, "warmup_epochs": 1.0,
+        # 30 epochs reached 86.98% with a training loss still at 0.22 (under-trained): 100 is the budget now
+        "base_batch": 128, "learning_rate": 0.1, "epochs": 100, "warmup_epochs": 1.0,
         "logging_steps": 50,
         "metric": "eval_accuracy", "higher_is_better": True,
         "quick": ["--max_train_samples", "512", "--max_eval_samples", "256"],
