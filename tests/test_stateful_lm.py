@@ -101,7 +101,7 @@ def test_training_and_evaluation_keep_separate_streams():
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
-def test_split_of_the_batch_does_not_change_the_streams_updates():
+def test_split_of_the_batch_does_not_change_the_streams_updates(tmp_path):
     """8 streams as 1 x 8 and as 4 x 2 micro-batches (the 2-rank split: test_multiprocess.py): each micro-batch slot
     carries the same streams from step to step, so the updates agree; without the state they would differ."""
     whole = run_one({**STREAMS_RUN, "per_device": 8, "ga": 1}, None)
@@ -114,7 +114,7 @@ def test_split_of_the_batch_does_not_change_the_streams_updates():
     stateless = token_streams()
     stateless.ordered = False  # read as plain chunks: the model gets no stream ids
     chunks = [{k: v for k, v in stateless[i].items() if not k.startswith("stream_")} for i in range(len(stateless))]
-    args = LargeBatchArguments(output_dir="/tmp/unused", per_device_train_batch_size=8, max_steps=5, optim="sgd",
+    args = LargeBatchArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=5, optim="sgd",
                                learning_rate=0.5, lr_scheduler_type="constant", use_cpu=True, report_to=[],
                                save_strategy="no", disable_tqdm=True, seed=0, max_grad_norm=0.0,
                                train_sampling_strategy="sequential")
