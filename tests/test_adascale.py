@@ -8,7 +8,8 @@ import torch
 
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer, LRHistory
 from hf_largebatch.algorithms.adascale import MIN_SECOND_MOMENT_SAMPLES, AdaScale, adascale_gain, row_history
-from helpers import digits_dataset, flat_params, tiny_resnet, use_cpu_grad_scaler
+from helpers import (TinyLinearClassifier, digits_dataset, flat_params, random_points, tiny_resnet,
+                     use_cpu_grad_scaler)
 
 
 def test_gain_rule():
@@ -298,7 +299,7 @@ def test_adamscale_resume_is_exact_with_rare_rows(tmp_path):
     np.testing.assert_allclose(flat_params(resumed_model), flat_params(full_model), rtol=0, atol=1e-6)
 
 
-class _ScaledLossClassifier(__import__("helpers").TinyLinearClassifier):
+class _ScaledLossClassifier(TinyLinearClassifier):
     """The tiny classifier with its loss multiplied by ``factor``: Adam's update ignores the factor, raw gradient
     statistics grow with its square."""
 
@@ -317,8 +318,6 @@ def test_adamscale_measures_the_gradient_adam_preconditions_not_the_raw_one(tmp_
     """AdamScale's statistics are of g / P: a loss 1000x larger leaves Adam's updates, and so ||g/P||^2, the gain
     and the whole run unchanged, where raw-gradient statistics would grow 10^6-fold; and they are measured (the gain
     leaves 1 once rows have MIN_SECOND_MOMENT_SAMPLES steps of history)."""
-    from helpers import random_points
-
     runs = []
     for factor in (1.0, 1000.0):
         args = LargeBatchArguments(output_dir=str(tmp_path / str(factor)), per_device_train_batch_size=8,

@@ -2,8 +2,11 @@
 Timings themselves are never asserted here; they live in BENCHMARKS.md."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -110,10 +113,6 @@ def test_adaptive_batch_quick(tmp_path):
 def test_scaling_resumes_a_killed_run_from_its_checkpoint_and_skips_finished_ones(tmp_path):
     """A benchmark killed mid-run continues from the run's newest complete checkpoint when the same command runs
     again, and ends where an uninterrupted run ends (the stateful LSTM: its streams' state is in the checkpoint)."""
-    import os
-    import signal
-    import time
-
     command = [sys.executable, "benchmarks/scaling.py", "--task", "ptb", "--quick", "--epochs", "3", "--runs",
                "base"]
     out = tmp_path / "killed"

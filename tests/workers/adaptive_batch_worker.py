@@ -14,6 +14,7 @@ resume).
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def main(out_dir: str, mode: str, resume: str | None = None) -> None:
         import hf_largebatch.algorithms.adaptive_batch as adaptive  # asks one micro-batch more than rank 0
 
         wished = adaptive.grown_accumulation
-        rank = int(__import__("os").environ["RANK"])
+        rank = int(os.environ["RANK"])
         adaptive.grown_accumulation = lambda *a, **k: min(wished(*a, **k) + rank, 8)
     args = LargeBatchArguments(output_dir=out_dir, per_device_train_batch_size=MICRO, num_train_epochs=2,
                                optim="sgd", optim_args="momentum=0.9", learning_rate=0.1,
