@@ -10,15 +10,17 @@ Public API::
                                  of its events return
     LRHistory                    callback recording the applied LR, loss and examples seen per step (for plots)
     the algorithms               AdaScale, NoiseScaleMonitor, AutoWU (+ AutoWUConfig), ConAdv (+ ConAdvConfig),
-                                 Extrapolation, AdaptiveBatch (+ AdaptiveBatchConfig), LocalSGD: each built from its
-                                 option, or passed in callbacks=[...]
+                                 Extrapolation, AdaptiveBatch (+ AdaptiveBatchConfig), LocalSGD, GradientNoiseProbe:
+                                 each built from its option, or passed in callbacks=[...]
+    advise                       the batch-size advisor's probe and advice on any setup (advisor.py)
     evaluate_under_attack        metrics under ConAdv's attack
     write_summary, plot_lr_and_loss, run_recipe   what the recipes use around a run
 """
 
 from .core import hf_private_api  # noqa: F401  first: refuses a transformers whose private API we override changed
 from .algorithms import (AdaptiveBatch, AdaptiveBatchConfig, AdaScale, AutoWU, AutoWUConfig, ConAdv, ConAdvConfig,
-                         Extrapolation, LocalSGD, NoiseScaleMonitor)
+                         Extrapolation, GradientNoiseProbe, LocalSGD, NoiseScaleMonitor)
+from .advisor import advise
 from .algorithms.conadv import evaluate_under_attack
 from .arguments import LargeBatchArguments
 from .core.backends import run_recipe
@@ -28,7 +30,7 @@ from .core.trainer import LargeBatchTrainer
 from .reporting import LRHistory, plot_lr_and_loss, write_summary
 
 __all__ = ["AdaScale", "AdaptiveBatch", "AdaptiveBatchConfig", "Algorithm", "AutoWU", "AutoWUConfig", "Clock",
-           "ConAdv", "ConAdvConfig", "Extrapolation", "LargeBatchArguments", "LargeBatchSeq2SeqArguments",
+           "ConAdv", "ConAdvConfig", "Extrapolation", "GradientNoiseProbe", "LargeBatchArguments", "LargeBatchSeq2SeqArguments",
            "LargeBatchSeq2SeqTrainer", "LargeBatchTrainer", "LocalSGD", "LRHistory", "MicroBatch",
-           "NoiseScaleMonitor", "evaluate_under_attack", "plot_lr_and_loss", "run_recipe", "write_summary"]
+           "NoiseScaleMonitor", "advise", "evaluate_under_attack", "plot_lr_and_loss", "run_recipe", "write_summary"]
 __version__ = "0.1.0"

@@ -143,6 +143,13 @@ class LargeBatchArguments(TrainingArguments):
                           "parameter averages (0: off, gradients are all-reduced every step). With adaptive_batch "
                           "the test runs at every synchronisation and grows the local batches."},
     )
+    noise_probe_steps: int = field(
+        default=0,
+        metadata={"help": "The probe of `hf-largebatch advise`: record each step's unbiased gradient statistics, "
+                          "stop training after this many optimizer steps (the LR schedule is the configured run's) "
+                          "and write them to <output_dir>/noise_probe.json (0: off). Needs world_size x "
+                          "gradient_accumulation_steps >= 2."},
+    )
 
     def __post_init__(self):
         self.check_batch_and_lr()
@@ -262,6 +269,8 @@ class LargeBatchArguments(TrainingArguments):
                              f"{', '.join(ADAPTIVE_TESTS)}")
         if self.local_sgd_steps < 0:
             raise ValueError(f"local_sgd_steps must be >= 0, got {self.local_sgd_steps}")
+        if self.noise_probe_steps < 0:
+            raise ValueError(f"noise_probe_steps must be >= 0 (0: no probe), got {self.noise_probe_steps}")
         if self.adaptive_batch == "none":
             if self.adaptive_batch_args:
                 raise ValueError("adaptive_batch_args is set but adaptive_batch is 'none'")

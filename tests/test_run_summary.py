@@ -71,11 +71,11 @@ def test_every_public_class_is_exported():
     modules = [hf_largebatch.algorithms.adascale, hf_largebatch.algorithms.adaptive_batch,
                hf_largebatch.algorithms.autowu, hf_largebatch.algorithms.conadv,
                hf_largebatch.algorithms.extrapolation, hf_largebatch.algorithms.local_sgd,
-               hf_largebatch.algorithms.noise_scale]
+               hf_largebatch.algorithms.noise_scale, hf_largebatch.algorithms.noise_probe]
     algorithms = {cls.__name__ for module in modules for _, cls in inspect.getmembers(module, inspect.isclass)
                   if issubclass(cls, Algorithm) and cls.__module__ == module.__name__}
     assert algorithms >= {"AdaScale", "AdaptiveBatch", "AutoWU", "ConAdv", "Extrapolation", "LocalSGD",
-                          "NoiseScaleMonitor"}
+                          "NoiseScaleMonitor", "GradientNoiseProbe"}
     for name in algorithms | {"LargeBatchTrainer", "LargeBatchSeq2SeqTrainer", "LargeBatchArguments",
                               "LargeBatchSeq2SeqArguments"}:
         assert name in hf_largebatch.__all__ and getattr(hf_largebatch, name) is not None
@@ -90,6 +90,7 @@ def test_every_public_class_is_exported():
     (lambda: hf_largebatch.AdaptiveBatch("norm", hf_largebatch.AdaptiveBatchConfig(max_batch_size=64)),
      {"test": "norm", "max_batch_size": 64}),
     (lambda: hf_largebatch.AutoWU(), {"min_lr": 1e-5}),
+    (lambda: hf_largebatch.GradientNoiseProbe(200), {"steps": 200}),
 ])
 def test_every_algorithm_reports_its_settings_and_metrics_before_its_first_step(make, expected):
     """What the summary shows of each algorithm; and nothing it logs is left uninitialised by its constructor."""

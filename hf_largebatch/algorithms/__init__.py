@@ -14,10 +14,11 @@ from .autowu import AutoWU, AutoWUConfig
 from .conadv import ConAdv, ConAdvConfig
 from .extrapolation import Extrapolation
 from .local_sgd import LocalSGD
+from .noise_probe import GradientNoiseProbe
 from .noise_scale import NoiseScaleMonitor
 
 __all__ = ["AdaScale", "AdaptiveBatch", "AdaptiveBatchConfig", "AutoWU", "AutoWUConfig", "ConAdv", "ConAdvConfig",
-           "Extrapolation", "LocalSGD", "NoiseScaleMonitor", "from_arguments"]
+           "Extrapolation", "GradientNoiseProbe", "LocalSGD", "NoiseScaleMonitor", "from_arguments"]
 
 
 def _conadv(args) -> ConAdv:
@@ -36,6 +37,8 @@ _FROM_OPTIONS = (
      lambda args: AdaptiveBatch(args.adaptive_batch, args.adaptive_batch_config(), args.lr_scaling,
                                 args.base_batch_size, args.local_sgd_steps)),
     (LocalSGD, lambda args: bool(args.local_sgd_steps), lambda args: LocalSGD(args.local_sgd_steps)),
+    (GradientNoiseProbe, lambda args: args.noise_probe_steps > 0,
+     lambda args: GradientNoiseProbe(args.noise_probe_steps)),
 )
 
 

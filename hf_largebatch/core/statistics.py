@@ -49,13 +49,14 @@ from .events import Algorithm
 VAR_FLOOR = 1e-6
 
 
-def unbiased_estimates(local_sq_mean: float, reduced_sq: float, n: int) -> tuple[float, float]:
-    """``(||G||^2, variance of one micro-batch gradient)`` from ``L``, ``T`` and ``n`` micro-batches (floored)."""
+def unbiased_estimates(local_sq_mean: float, reduced_sq: float, n: int, floor: bool = True) -> tuple[float, float]:
+    """``(||G||^2, variance of one micro-batch gradient)`` from ``L``, ``T`` and ``n`` micro-batches, floored at 0
+    unless ``floor`` is false (a mean over many steps must keep the negative ones to stay unbiased)."""
     if n < 2:
         raise ValueError("unbiased gradient statistics need n >= 2 micro-batch gradients per step")
     grad_sqr = (n * reduced_sq - local_sq_mean) / (n - 1)
     micro_var = n * (local_sq_mean - reduced_sq) / (n - 1)
-    return max(grad_sqr, 0.0), max(micro_var, 0.0)
+    return (max(grad_sqr, 0.0), max(micro_var, 0.0)) if floor else (grad_sqr, micro_var)
 
 
 def reduced_sq_norm(grads: list[torch.Tensor], loss_scale: float = 1.0) -> torch.Tensor:
@@ -100,12 +101,14 @@ class StepStatistics:
     """One step's unbiased estimates: ``grad_sqr`` (``||G||^2``, floored at 0) and ``micro_var`` (the variance of one
     micro-batch gradient), from ``n`` micro-batch gradients holding ``examples`` examples (over all ranks, or one
     worker's under local SGD). ``valid`` is false (and the estimates nan) when the step cannot give an estimate:
-    fewer than 2 micro-batches, or a non-finite norm (an fp16 overflow)."""
+    fewer than 2 micro-batches, or a non-finite norm (an fp16 overflow). ``unfloored`` keeps the two estimates
+    before the floor at 0 (nan under local SGD's worker average): the advisor's probe averages them over steps."""
 
     grad_sqr: float
     micro_var: float
     n: int
     examples: float
+    unfloored: tuple[float, float] = (math.nan, math.nan)
 
     @property
     def valid(self) -> bool:
@@ -116,7 +119,8 @@ class StepStatistics:
         """From ``L`` (weighted mean of the micro-batches' squared norms), ``T`` and ``n``."""
         if n < 2 or not (math.isfinite(local_sq_mean) and math.isfinite(reduced_sq)):
             return cls(math.nan, math.nan, n, examples)
-        return cls(*unbiased_estimates(local_sq_mean, reduced_sq, n), n, examples)
+        unfloored = unbiased_estimates(local_sq_mean, reduced_sq, n, floor=False)
+        return cls(max(unfloored[0], 0.0), max(unfloored[1], 0.0), n, examples, unfloored)
 
 
 class Measurement(Protocol):

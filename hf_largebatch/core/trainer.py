@@ -53,6 +53,7 @@ ALGORITHM_STATE_FILE = "hf_largebatch_algorithms_rank{rank}.pt"
 RUN_RECORD = "__run__"  # the key of the run's batch, world size and S in every rank's algorithm-state file
 NONFINITE_RECORD = "__nonfinite__"  # the key of the non-finite steps' count, in the same file
 CARRIED_RECORD = "__carried_state__"  # a recurrent model's per-stream state (carried_state.py), per rank
+SUMMARY_RECORD = "__run_summary__"  # the start-up summary (run_summary.py), for reports (run_report.py)
 logger = logging.get_logger(__name__)
 
 #: the options the trainer itself reads, with their values under plain ``TrainingArguments``
@@ -748,7 +749,8 @@ class LargeBatchTrainer(Trainer):
         super()._save_optimizer_and_scheduler(output_dir)
         os.makedirs(output_dir, exist_ok=True)
         states = {alg.name: alg.state_dict() for alg in self.algorithms}
-        records = {RUN_RECORD: self._run_record(), NONFINITE_RECORD: self._nonfinite.state_dict()}
+        records = {RUN_RECORD: self._run_record(), NONFINITE_RECORD: self._nonfinite.state_dict(),
+                   SUMMARY_RECORD: self.run_summary}
         carried = getattr(self.model, "carried_state", None)
         if carried is not None:
             records[CARRIED_RECORD] = carried.state_dict()
