@@ -53,6 +53,13 @@ def _variants():
                    {"adversarial": "conadv", "adversarial_args": "epsilon=0.05"}),
         "sequential_adv": (LargeBatchTrainer, LargeBatchArguments, lambda batch: [],
                            {"adversarial": "sequential", "adversarial_args": "epsilon=0.05"}),
+        # ConAdv's attacks in line (as sequential training runs them), and sequential with every core's intra-op
+        # threads: conadv's worker thread adds a thread of its own, so this is the same cores used the other way
+        "conadv_in_line": (LargeBatchTrainer, LargeBatchArguments, lambda batch: [],
+                           {"adversarial": "conadv", "adversarial_args": "epsilon=0.05,concurrent=False"}),
+        "sequential_adv_all_cores": (LargeBatchTrainer, LargeBatchArguments, lambda batch: [],
+                                     {"adversarial": "sequential", "adversarial_args": "epsilon=0.05",
+                                      "torch_threads": os.cpu_count()}),
         # EXTRAP-SGD: a local forward/backward a step (fresh) or none (past)
         "extrap_fresh": (LargeBatchTrainer, LargeBatchArguments, lambda batch: [], {"extrapolation": "fresh"}),
         "extrap_past": (LargeBatchTrainer, LargeBatchArguments, lambda batch: [], {"extrapolation": "past"}),
@@ -61,7 +68,7 @@ def _variants():
 
 DATA = ("digits", "fashion_mnist")
 VARIANTS = ("hf_trainer", "plain", "lr_history", "noise_monitor", "adascale", "conadv", "sequential_adv",
-            "extrap_fresh", "extrap_past")
+            "conadv_in_line", "sequential_adv_all_cores", "extrap_fresh", "extrap_past")
 
 
 def _training_data(data: str):
@@ -87,6 +94,8 @@ def _timed_run(variant: str, train, batch: int, grad_accum: int, steps: int, war
 
     trainer_cls, args_cls, callbacks, extra = _variants()[variant]
     extra = dict(extra)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(extra.pop("torch_threads", threads))  # this variant's intra-op threads, then back
     if "base_batch_size_divisor" in extra:  # AdaScale at S = 8; max_steps then counts base steps, so stretch it
         extra["base_batch_size"] = batch * grad_accum // extra.pop("base_batch_size_divisor")
     times: list[float] = []
@@ -110,6 +119,7 @@ def _timed_run(variant: str, train, batch: int, grad_accum: int, steps: int, war
     trainer = trainer_cls(model=small_resnet(), args=args, train_dataset=train,
                           callbacks=[StepTimer(), *callbacks(batch)])
     trainer.train()
+    torch.set_num_threads(threads)
     times = times[warmup:steps]
     result = {"variant": variant, "median_step_s": statistics.median(times), "steps_timed": len(times)}
     if torch.cuda.is_available():

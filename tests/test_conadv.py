@@ -1,6 +1,8 @@
 """ConAdv and sequential adversarial training: which weights the attack uses, what it may not touch, the attack's
 maths and radius, the loss normalisation, resume, and bad input."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -320,3 +322,64 @@ def test_input_name_chooses_the_perturbed_input():
     with pytest.raises(KeyError, match="'missing' is not in the batch"):
         perturbation(_TwoInputs(), inputs, ConAdvConfig(epsilon=0.1, input_name="missing"), torch.Generator(),
                      shift_labels=False)
+
+
+@pytest.mark.parametrize("precision, accumulation", [("fp32", 2), ("fp32", 4), ("bf16", 2)])
+def test_concurrent_attacks_equal_the_attacks_in_line(tmp_path, monkeypatch, precision, accumulation):
+    """conadv's attacks run on a worker thread from the second step on, and every adversarial example, weight and
+    logged number equals the run that attacks in line (concurrent=False)."""
+    import threading
+
+    real = conadv_module.perturbation
+
+    def run(concurrent):
+        deltas, threads = [], []
+
+        def recording(*args, **kwargs):
+            result = real(*args, **kwargs)
+            deltas.append(result[1].clone())
+            threads.append(threading.current_thread().name)
+            return result
+
+        monkeypatch.setattr(conadv_module, "perturbation", recording)
+        model = tiny_resnet()
+        args = make_args(tmp_path / str(concurrent), adversarial_args=f"epsilon=0.1,concurrent={concurrent}",
+                         per_device_train_batch_size=16 // accumulation, gradient_accumulation_steps=accumulation,
+                         bf16=precision == "bf16", max_steps=5)
+        trainer = LargeBatchTrainer(model=model, args=args, train_dataset=digits_dataset(160))
+        trainer.train()
+        return deltas, threads, flat_params(model), trainer.state.log_history
+
+    deltas, threads, weights, logs = run(True)
+    in_line_deltas, in_line_threads, in_line_weights, in_line_logs = run(False)
+    assert len(deltas) == len(in_line_deltas) == 5 * accumulation
+    for got, expected in zip(deltas, in_line_deltas):
+        assert torch.equal(got, expected)
+    np.testing.assert_array_equal(weights, in_line_weights)
+    assert [{k: v for k, v in e.items() if "runtime" not in k and "per_second" not in k} for e in logs] == [
+        {k: v for k, v in e.items() if "runtime" not in k and "per_second" not in k} for e in in_line_logs]
+    # the first step attacks in line (it makes the stale copy); every later one on the worker
+    assert set(threads[:accumulation]) == {"MainThread"}
+    assert all(name.startswith("conadv-attack") for name in threads[accumulation:])
+    assert set(in_line_threads) == {"MainThread"}
+
+
+def test_an_attack_started_on_other_tensors_is_not_used(tmp_path):
+    """The trainer hands the loader's tensors on; were a micro-batch replaced between drawing and training, the
+    attack started ahead is finished and discarded, and the batch attacked in line."""
+    algorithm = ConAdv(ConAdvConfig(epsilon=0.1))
+    model = tiny_resnet()
+    model.train()
+    batch = dict(digits_dataset(16).columns)
+    conadv_batch(algorithm, model, batch, step=0)  # the first step: the copy, in line
+    assert algorithm._autocast is not None
+
+    args, state = SimpleNamespace(seed=0, process_index=0), SimpleNamespace(global_step=1)
+    algorithm.on_micro_batches_drawn(args, state, None, micro_batches=1, examples=16, batches=[batch])
+    assert len(algorithm._ahead) == 1
+    started = algorithm._ahead[0][1]
+    other = {k: v.clone() for k, v in batch.items()}
+    assert algorithm._attack_started_ahead(0, other) is None
+    assert started.done() and algorithm._ahead == []
+    assert algorithm._attack_started_ahead(0, batch) is None  # nothing in flight any more
+    algorithm.on_train_end(args, state, None)

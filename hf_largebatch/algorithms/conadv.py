@@ -19,6 +19,14 @@ BatchNorm running statistics are its own (the trained model's are untouched by t
 (the attack draws no numbers from the global RNG), and its random starts come from a generator seeded by
 (seed, step, micro-batch, rank), so a resumed run draws the same ones.
 
+Concurrency (``conadv`` mode, ``concurrent=True``, the default, on CPU): a step's attacks need only ``w_{t-1}`` and
+the step's inputs, both known when the step's micro-batches are drawn, so they run on a worker thread, in
+micro-batch order, while the trainer trains the earlier micro-batches (torch ops release the GIL; each thread
+uses torch's intra-op threads, so give each half the cores). The attack of micro-batch k+1 overlaps the training
+of micro-batch k: with n micro-batches a step, (n-1)/n of the attack time is hidden. The numbers are today's
+exactly: the same copy, seeds, order and autocast. On CUDA the attacks stay on the training stream (a side stream
+is not built yet), and ``sequential`` mode cannot overlap (it attacks the current weights).
+
 Inputs: a floating-point input (``pixel_values``, ...) is perturbed directly; ``input_ids`` are perturbed in
 embedding space, by adding the perturbation to the output of ``model.get_input_embeddings()`` for that call. (The
 hook, rather than passing ``inputs_embeds``, keeps the model's own embedding path: Marian, for one, multiplies the
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
@@ -69,13 +78,15 @@ class ConAdvConfig:
     targeted: bool = False
     #: the input to perturb: "auto" (pixel_values / input_values / input_features, else input_ids) or a key
     input_name: str = "auto"
+    #: conadv mode on CPU: run each step's attacks on a worker thread while the earlier micro-batches train
+    concurrent: bool = True
     image_mean: tuple[float, ...] | None = None
     image_std: tuple[float, ...] | None = None
     #: the RMS of the input-embedding entries that ``relative_epsilon`` multiplies (``resolved`` sets it)
     embedding_rms: float | None = None
 
     _STRING_KEYS = ("epsilon", "pixel_epsilon", "relative_epsilon", "alpha", "random_start", "targeted",
-                    "input_name")
+                    "input_name", "concurrent")
     _RADII = ("epsilon", "pixel_epsilon", "relative_epsilon")
 
     def __post_init__(self):
@@ -92,7 +103,7 @@ class ConAdvConfig:
 
     @classmethod
     def from_string(cls, text: str | None, **extra) -> ConAdvConfig:
-        types = {f.name: (str if f.name == "input_name" else bool if f.name == "targeted" else float)
+        types = {f.name: (str if f.name == "input_name" else bool if f.name in ("targeted", "concurrent") else float)
                  for f in fields(cls) if f.name in cls._STRING_KEYS}
         return cls(**parse_key_values(text, types, "adversarial_args"), **extra)
 
@@ -349,12 +360,66 @@ class ConAdv(Algorithm):
         self._pending_state: dict | None = None
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
+        # concurrent attacks: the worker, this step's (micro-batch, attack) started ahead, and what the attacks
+        # need from the training forward (learnt at the first step, which attacks in line)
+        self._worker: ThreadPoolExecutor | None = None
+        self._ahead: list[tuple[dict, Future]] = []
+        self._shifts_labels: bool | None = None
+        self._autocast: tuple[str, bool, torch.dtype] | None = None
 
     def settings(self) -> dict:
         return {"mode": self.mode, **super().settings()}
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         self.config = self.config.resolved(model, processing_class)
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether the attacks run ahead on a worker thread (conadv mode with ``concurrent``; CPU inputs)."""
+        return self.mode == "conadv" and self.config.concurrent
+
+    def on_micro_batches_drawn(self, args, state, control, *, batches: list, **kwargs):
+        """Start this step's attacks on the worker thread, in micro-batch order, on the stale copy ``w_{t-1}``
+        (from the second step on: the first makes the copy and learns the forward's autocast in line)."""
+        if not (self.overlaps and self.attack_model is not None and self._autocast is not None):
+            return
+        if _device_of(batches[0]).type != "cpu":
+            return  # CUDA: a side stream with its events is not built yet; the attacks stay in line
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conadv-attack")
+        self._ahead = [(batch, self._worker.submit(
+            self._attack, batch, micro_batch_seed(args.seed, state.global_step, k, args.process_index)))
+            for k, batch in enumerate(batches)]
+
+    def _attack(self, inputs: dict, seed: int):
+        """One attack on the stale copy, seeded as in line, under the training forward's autocast (autocast is
+        per thread: the worker enters it again)."""
+        device_type, enabled, dtype = self._autocast
+        generator = torch.Generator(device=_device_of(inputs)).manual_seed(seed)
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            return perturbation(self.attack_model, inputs, self.config, generator, self._shifts_labels)
+
+    def _attack_started_ahead(self, micro_step: int, inputs: dict) -> Future | None:
+        """The attack started for this micro-batch, if it was started on these very tensors (on CPU the trainer
+        hands the loader's tensors on); otherwise every attack in flight is finished first (they share the copy)."""
+        if micro_step < len(self._ahead):
+            batch, future = self._ahead[micro_step]
+            if batch.keys() == inputs.keys() and all(batch[k] is v for k, v in inputs.items()
+                                                     if isinstance(v, torch.Tensor)):
+                return future
+        self._finish_attacks_ahead()
+        return None
+
+    def _finish_attacks_ahead(self) -> None:
+        for _, future in self._ahead:
+            future.result()
+        self._ahead = []
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._finish_attacks_ahead()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
 
     def transform_micro_batch(self, args, state, control, *, step, model, inputs: dict) -> MicroBatch:
         """The ``[clean; adversarial]`` batch for this micro-batch and the context to run the model's forward in
@@ -364,17 +429,26 @@ class ConAdv(Algorithm):
         context. In conadv mode the attack copy holds the previous step's weights; it is refreshed with the current
         ones after the step's last attack, before the update changes them (under DeepSpeed the update happens inside
         the last micro-batch's backward)."""
-        seed = micro_batch_seed(args.seed, state.global_step, step.micro_step, args.process_index)
-        if self.attack_model is None:
-            self.attack_model = attack_copy(model)
-            if self._pending_state is not None:
-                self.attack_model.load_state_dict(self._pending_state)
-                self._pending_state = None
-        if self.mode == "sequential":
-            copy_weights(model, self.attack_model)
-        generator = torch.Generator(device=_device_of(inputs)).manual_seed(seed)
-        key, delta, loss = perturbation(self.attack_model, inputs, self.config, generator, step.shifts_labels)
+        ahead = self._attack_started_ahead(step.micro_step, inputs) if self._ahead else None
+        if ahead is not None:
+            key, delta, loss = ahead.result()
+        else:
+            seed = micro_batch_seed(args.seed, state.global_step, step.micro_step, args.process_index)
+            if self.attack_model is None:
+                self.attack_model = attack_copy(model)
+                if self._pending_state is not None:
+                    self.attack_model.load_state_dict(self._pending_state)
+                    self._pending_state = None
+            if self.mode == "sequential":
+                copy_weights(model, self.attack_model)
+            generator = torch.Generator(device=_device_of(inputs)).manual_seed(seed)
+            key, delta, loss = perturbation(self.attack_model, inputs, self.config, generator, step.shifts_labels)
+            device_type = _device_of(inputs).type
+            self._shifts_labels = step.shifts_labels
+            self._autocast = (device_type, torch.is_autocast_enabled(device_type),
+                              torch.get_autocast_dtype(device_type))
         if self.mode == "conadv" and step.last_micro_batch:
+            self._finish_attacks_ahead()  # all done: the worker attacks in order
             copy_weights(model, self.attack_model)
         self._loss_sum = loss + self._loss_sum
         self._loss_count += 1

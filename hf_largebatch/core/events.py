@@ -23,8 +23,9 @@ uses the answer; ``[owner]``: at most one algorithm may answer, refused at ``tra
     per optimizer step
       micro_batches_for_step()            [owner]   how many micro-batches this step draws (adaptive batch;
                                                     default: gradient_accumulation_steps)
-      on_micro_batches_drawn(micro_batches,         what this rank drew for the step
-                             examples)
+      on_micro_batches_drawn(micro_batches,         what this rank drew for the step; ``batches``: its
+                             examples, batches)     micro-batches in training order, as the data loader gave
+                                                    them (ConAdv starts their attacks on a worker thread)
       on_step_begin                                 (HF)
       per micro-batch k = 0..n-1
         gradient_sync_context(model, accelerator)   the backward's sync context (local SGD: no all-reduce)
@@ -174,7 +175,8 @@ class Algorithm(TrainerCallback):
     def micro_batches_for_step(self) -> int | None:
         return None
 
-    def on_micro_batches_drawn(self, args, state, control, *, micro_batches: int, examples: int, **kwargs):
+    def on_micro_batches_drawn(self, args, state, control, *, micro_batches: int, examples: int, batches: list,
+                               **kwargs):
         pass
 
     def on_train_step_begin(self, args, state, control, *, step, model, inputs: dict, local_gradient,

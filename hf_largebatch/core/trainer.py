@@ -347,9 +347,10 @@ class LargeBatchTrainer(Trainer):
         if owner is not None:  # the step's accumulation is the algorithm's (HF's loop runs with 1)
             num_batches = owner.micro_batches_for_step()
         batch_samples, num_items = self._step_micro_batches(epoch_iterator, num_batches, device)
-        if owner is not None and batch_samples:
+        if self._listeners["on_micro_batches_drawn"] and batch_samples:
             self._fire("on_micro_batches_drawn", micro_batches=len(batch_samples),
-                       examples=sum(_num_examples(b) for b in batch_samples))
+                       examples=sum(_num_examples(b) for b in batch_samples), batches=list(batch_samples))
+        if owner is not None and batch_samples:
             batch_samples = [_StepBatches(batch_samples)]
         return batch_samples, num_items
 
