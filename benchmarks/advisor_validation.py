@@ -8,9 +8,10 @@ lr 0.05 tuned at B0 = 64, cosine over 4 epochs, 0.25 epochs of warm-up).
    trade-off assumes an LR fitted to each batch, and AdaScale's gain is that fit), each evaluated on the 2,000
    eval images every ~1/10 epoch and stopped at ``--target`` accuracy; the step it is reached at is interpolated
    between evaluations.
-3. Predicted, from the base run's measured ``T(64)``: by the probe, ``T(B) = T(64) (1 + B_noise/B) / (1 +
-   B_noise/64)``; along the base run's trajectory (its own statistics up to the target, 25-step windows),
-   ``steps_along_trajectory``. Both per seed, then the median.
+3. Predicted, from the base run's measured ``T(64)``, by ``Advice.steps_to_target``: from the short probe's one
+   noise scale, ``T(B) = T(64) (1 + B_noise/B) / (1 + B_noise/64)``; and from the base run itself with the probe
+   left on (``GradientNoiseProbe`` to the target: the noise scale along its trajectory, 25-step windows). Both per
+   seed, then the median.
 
     python benchmarks/advisor_validation.py --out benchmarks/results/advisor_validation
 
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from hf_largebatch.advisor import advise, predicted_steps, steps_along_trajectory
+    from hf_largebatch.advisor import Advice, advise
 
     out = Path(opts.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -143,6 +144,7 @@ def main(argv=None) -> int:
                probe_steps=opts.probe_steps, output_dir=str(out))
     advice = json.loads(advice_file.read_text())
     noise = advice["noise_scale"]
+    probe = Advice.from_record(json.loads((out / "probe" / "noise_probe.json").read_text()))
 
     runs: dict[int, list[dict]] = {}
     for seed in opts.seeds:
@@ -158,22 +160,26 @@ def main(argv=None) -> int:
     # per seed: the base run's steps anchor both predictions; the trajectory one also uses its recorded statistics
     rows = []
     for batch, seeds in runs.items():
-        measured, probe, trajectory = [], [], []
+        measured, by_probe, trajectory = [], [], []
         for run, anchor in zip(seeds, runs[base]):
-            record = anchor["probe"]
-            steps = [s for s in record["steps"] if s <= anchor["steps_to_target"]]
             measured.append(run["steps_to_target"])
-            probe.append(predicted_steps(anchor["steps_to_target"], base, batch, noise["value"]))
-            trajectory.append(steps_along_trajectory(record["grad_sqr"][:len(steps)], record["trace"][:len(steps)],
-                                                     base, batch))
+            by_probe.append(probe.steps_to_target(batch, anchor["steps_to_target"]))
+            trajectory.append(Advice.from_record(anchor["probe"]).steps_to_target(batch, anchor["steps_to_target"]))
         row = {"batch": batch, "rule": seeds[0]["rule"], "eval_every": seeds[0]["eval_every"],
-               "measured": measured, "predicted_probe": probe, "predicted_trajectory": trajectory}
+               "measured": measured, "predicted_probe": by_probe, "predicted_trajectory": trajectory}
         for key in ("measured", "predicted_probe", "predicted_trajectory"):
             row[key + "_median"] = float(np.median(row[key]))
         for key in ("probe", "trajectory"):
             row[f"error_{key}"] = row[f"predicted_{key}_median"] / row["measured_median"] - 1
         rows.append(row)
+    from hf_largebatch.advisor import noise_scale
+
+    first = runs[base][0]["probe"]  # the noise scale along the first seed's base run, per 100 steps
+    growth = [[start + 1, min(start + 100, len(first["grad_sqr"])),
+               noise_scale(first["grad_sqr"][start:start + 100], first["trace"][start:start + 100])]
+              for start in range(0, len(first["grad_sqr"]), 100)]
     results = {"target": opts.target, "noise_scale": noise, "probe_steps": opts.probe_steps, "seeds": opts.seeds,
+               "base_run_noise_scale": growth,
                "recommended": advice["recommended_batch_range"], "command": " ".join(sys.argv), "runs": rows,
                "machine": f"{scaling.machine_name()}, torch threads {torch.get_num_threads()}"}
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -190,6 +196,8 @@ def to_markdown(results: dict) -> str:
              f"{n['low']:.0f} .. {n['high']:.0f}; first half {n['early']:.0f}, second half {n['late']:.0f}); "
              f"recommended batch {results['recommended'][0]} .. {results['recommended'][1]}. Target: eval accuracy "
              f"{results['target']}, medians over seeds {results['seeds']}; {results['machine']}.", "",
+             "Noise scale along the base run (seed " + str(results["seeds"][0]) + "): " + ", ".join(
+                 f"steps {a}-{b}: {n:.0f}" for a, b, n in results["base_run_noise_scale"]) + ".", "",
              "| batch | rule | steps to target, measured (per seed) | predicted from the probe | error | predicted "
              "along the base run's trajectory | error |", "|---:|---|---:|---:|---:|---:|---:|"]
     for r in results["runs"]:

@@ -20,6 +20,7 @@ says what helps early; a rising trend says a larger batch will pay later (``adap
 Outputs: ``Advice.table()`` (text), ``Advice.plot(path)`` (steps vs examples, the recommendation marked) and
 ``Advice.to_dict()`` (JSON). ``advise(...)`` runs the probe on any ``LargeBatchTrainer`` setup;
 ``advice_from_probe(output_dir)`` reads the probe of a run made with ``noise_probe_steps`` (the CLI's route).
+``Advice.steps_to_target`` predicts the steps a batch needs to a target from those the probe's batch needs.
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ class Advice:
     recommended: int
     plans: list[LRPlan]
     candidates: list[dict] = field(default_factory=list)
+    record: dict | None = field(default=None, repr=False)  # the probe's steps, for steps_to_target
 
     @classmethod
     def from_record(cls, record: dict, resamples: int = 2000, seed: int = 0) -> Advice:
@@ -199,7 +201,21 @@ class Advice:
             if batch > 4 * max(recommended, noise.value if math.isfinite(noise.value) else 0):
                 break
         return cls(probe_batch, base_batch, float(run["learning_rate"]), optimizer, warmup, noise, recommended,
-                   plans, candidates)
+                   plans, candidates, record)
+
+    def steps_to_target(self, batch: int, steps_at_probe_batch: float) -> float:
+        """Optimizer steps to a target at ``batch``, given the steps the probe's batch takes to it. When the probe
+        covered those steps (a probe left on over a base run: ``noise_probe_steps`` = its length), the noise scale
+        measured along them (``steps_along_trajectory``); otherwise the probe's one value, which understates what a
+        larger batch saves when the noise scale rises (``noise.trend`` > 1; the common case: it grows as the loss
+        falls)."""
+        steps = self.record["steps"] if self.record else []
+        if steps and steps[-1] >= steps_at_probe_batch:
+            covered = sum(step <= steps_at_probe_batch for step in steps)
+            along = steps_along_trajectory(self.record["grad_sqr"][:covered], self.record["trace"][:covered],
+                                           self.probe_batch, batch)
+            return along * steps_at_probe_batch / covered  # steps without an estimate count like the others
+        return predicted_steps(steps_at_probe_batch, self.probe_batch, batch, self.noise.value)
 
     def to_dict(self) -> dict:
         return {"probe_batch": self.probe_batch, "base_batch": self.base_batch, "learning_rate": self.learning_rate,

@@ -99,6 +99,18 @@ def test_steps_along_a_trajectory_whose_noise_scale_grows():
     assert steps_along_trajectory([-1.0] * 25, [5.0] * 25, 50, 200) == pytest.approx(25 * 50 / 200)
 
 
+def test_steps_to_target_use_the_trajectory_the_probe_covered():
+    # the noise scale quadruples halfway through a 100-step probe at batch 50
+    record = {"run": {"global_batch": 50, "learning_rate": 0.1, "optimizer": "SGD"}, "steps": list(range(1, 101)),
+              "grad_sqr": [4.0] * 50 + [1.0] * 50, "trace": [400.0] * 100}
+    advice = Advice.from_record(record, resamples=100)
+    covered = 50 * (1 + 100 / 200) / (1 + 100 / 50) + 50 * (1 + 400 / 200) / (1 + 400 / 50)
+    assert advice.steps_to_target(200, 100) == pytest.approx(covered)
+    # a target beyond the probe: the probe's one noise scale (160 = 400 / mean 2.5)
+    assert advice.noise.value == pytest.approx(160)
+    assert advice.steps_to_target(200, 300) == pytest.approx(predicted_steps(300, 50, 200, 160))
+
+
 def test_lr_plans_follow_the_optimizer_family():
     record = {"run": {"global_batch": 32, "base_batch_size": 32, "learning_rate": 0.1, "optimizer": "SGD",
                       "legw_base_warmup_epochs": 0.5},
