@@ -46,13 +46,14 @@ def run_advise(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-largebatch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="base batch vs 16x with the linear rule and LEGW on sklearn's digits")
+    demo = sub.add_parser("demo", help="base batch vs 64x with the linear rule, LEGW and AdaScale on sklearn's digits")
     demo.add_argument("--output-dir", default="hf_largebatch_demo")
     demo.add_argument("--base-batch-size", type=int, default=16)
-    demo.add_argument("--scale", type=int, default=16, help="S: the large runs use S x base-batch-size")
-    demo.add_argument("--epochs", type=float, default=15.0)
+    demo.add_argument("--scale", type=int, default=64, help="S: the large runs use S x base-batch-size")
+    demo.add_argument("--epochs", type=float, default=20.0)
     demo.add_argument("--learning-rate", type=float, default=0.05, help="LR tuned at the base batch size")
     demo.add_argument("--base-warmup-epochs", type=float, default=0.5)
+    demo.add_argument("--probe-steps", type=int, default=100, help="the advisor's probe at the end (0: none)")
     demo.add_argument("--seed", type=int, default=0)
     advise = sub.add_parser(
         "advise", help="probe a training script and recommend a batch size and an LR plan",
@@ -91,11 +92,20 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from .demo import format_table, run_demo
 
-        rows = run_demo(output_dir=args.output_dir, base_batch_size=args.base_batch_size, scale=args.scale,
-                        epochs=args.epochs, learning_rate=args.learning_rate,
-                        base_warmup_epochs=args.base_warmup_epochs, seed=args.seed)
-        print("\n" + format_table(rows))
+        result = run_demo(output_dir=args.output_dir, base_batch_size=args.base_batch_size, scale=args.scale,
+                          epochs=args.epochs, learning_rate=args.learning_rate,
+                          base_warmup_epochs=args.base_warmup_epochs, seed=args.seed, probe_steps=args.probe_steps)
+        print("\n" + format_table(result["rows"]) + "\n\n" + result["conclusion"])
+        advice = result["advice"]
+        if advice is not None:
+            noise = advice.noise
+            print(f"\nadvisor (a {noise.steps}-step probe at batch {advice.probe_batch}): gradient noise scale "
+                  f"{noise.value:.0f} examples ({noise.low:.0f} .. {noise.high:.0f}), rising from {noise.early:.0f} "
+                  f"to {noise.late:.0f} over the probe; recommended batch {advice.probe_batch} .. "
+                  f"{advice.recommended} with lr_scaling={advice.plans[0].rule} (learning_rate "
+                  f"{advice.plans[0].learning_rate:g}); details: {os.path.join(args.output_dir, 'advice', 'advice.md')}")
         print(f"\nplot: {os.path.join(args.output_dir, 'lr_and_loss.png')}"
+              f"\nreports: {os.path.join(args.output_dir, 'report_*')}"
               f"\nresults: {os.path.join(args.output_dir, 'results.json')}")
     return 0
 

@@ -1,4 +1,5 @@
-"""`hf-largebatch demo` end to end through the installed console script (real digits data, real training)."""
+"""`hf-largebatch demo` end to end through the installed console script (real digits data, real training): the
+default setting shows what the library is for, and the table, conclusion, reports and advice say it."""
 
 import json
 import shutil
@@ -10,22 +11,36 @@ import pytest
 def test_demo_console_script(tmp_path):
     exe = shutil.which("hf-largebatch")
     assert exe, "the console script is not installed: pip install -e ."
-    proc = subprocess.run([exe, "demo", "--epochs", "3", "--output-dir", str(tmp_path)], capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([exe, "demo", "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert len(table) == 5 and "test accuracy" in table[0]
+    assert len(table) == 5 and "test accuracy" in table[0] and "examples seen" in table[0]
 
-    rows = json.loads((tmp_path / "results.json").read_text())
-    base, linear, legw, adascale = rows
-    assert [r["global_batch"] for r in rows] == [16, 256, 256, 256]
-    assert base["test_accuracy"] > 0.9  # 10 classes: chance is 0.1
-    assert linear["peak_lr"] == pytest.approx(16 * 0.05) and legw["peak_lr"] <= 4 * 0.05 + 1e-12
-    # Same epoch budget: 16x the batch takes 16x fewer steps (up to the dropped last partial batch).
-    assert base["steps"] // 16 - 1 <= linear["steps"] == legw["steps"] <= base["steps"] // 16 + 1
-    # LEGW keeps the base run's warm-up step count (w0 * N / B0), up to rounding of partial batches.
-    assert abs(legw["warmup_steps"] - base["warmup_steps"]) <= 0.1 * base["warmup_steps"]
-    # AdaScale: between S x fewer steps than the base run and the base run's count, and a real gain.
-    assert base["steps"] // 16 <= adascale["steps"] < base["steps"] and adascale["mean_gain"] > 1.5
+    result = json.loads((tmp_path / "results.json").read_text())
+    base, linear, legw, adascale = rows = result["rows"]
+    assert [r["global_batch"] for r in rows] == [16, 1024, 1024, 1024]
+    # the regime the library is for (seed 0; seeds 0-5 in BENCHMARKS.md): a fixed rule on the base run's epoch
+    # budget loses >= 2 points, AdaScale stays within 1 point of the base run in fewer steps
+    assert min(linear["test_accuracy"], legw["test_accuracy"]) <= base["test_accuracy"] - 0.02
+    assert adascale["test_accuracy"] >= base["test_accuracy"] - 0.01
+    assert adascale["steps"] < base["steps"] / 4 and adascale["mean_gain"] > 4
+    assert linear["peak_lr"] == pytest.approx(64 * 0.05) and legw["peak_lr"] <= 8 * 0.05 + 1e-12
+    # Same epoch budget: 20 epochs of 1,437 training images; at 1024 an epoch is one step (the partial batch is
+    # dropped), at 16 it is 89
+    assert linear["steps"] == legw["steps"] == 20 and base["steps"] == 20 * 89
+    assert all(r["examples_seen"] == r["steps"] * r["global_batch"] for r in rows)
+    # the conclusion is the table's numbers
+    conclusion = result["conclusion"]
+    assert conclusion in proc.stdout and "AdaScale kept the base run's accuracy" in conclusion
+    assert f"({100 * adascale['test_accuracy']:.1f}% vs {100 * base['test_accuracy']:.1f}%" in conclusion
+    assert f"({adascale['steps']} vs {base['steps']})" in conclusion
+    best_fixed = max((linear, legw), key=lambda r: r["test_accuracy"])
+    lost = 100 * (base["test_accuracy"] - best_fixed["test_accuracy"])
+    assert f"fixed rule, {best_fixed['rule']}, lost {lost:.1f} points" in conclusion
+    # the advisor's recommendation ends the demo; the reports sit beside the LR/loss plot
+    assert result["advice"]["recommended_batch_range"][0] == 16 and "advisor (a " in proc.stdout
+    assert (tmp_path / "advice" / "advice.png").is_file()
+    for name, family in (("base", "learning_rate"), ("adascale_x64", "adascale"), ("linear_x64", "loss")):
+        assert (tmp_path / f"report_{name}" / f"{family}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     png = tmp_path / "lr_and_loss.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
