@@ -228,7 +228,8 @@ def main(argv=None):
     p.add_argument("--child", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.child:
-        print(json.dumps(_child(opts.child.split(","), opts.batch, opts.grad_accum, opts.steps, opts.warmup, opts.data)))
+        print(json.dumps(_child(opts.child.split(","), opts.batch, opts.grad_accum, opts.steps, opts.warmup,
+                                opts.data)))
         return 0
     unknown = [v for v in opts.variants if v not in VARIANTS]
     if unknown:

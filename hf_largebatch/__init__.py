@@ -30,7 +30,8 @@ from .core.trainer import LargeBatchTrainer
 from .reporting import LRHistory, plot_lr_and_loss, write_summary
 
 __all__ = ["AdaScale", "AdaptiveBatch", "AdaptiveBatchConfig", "Algorithm", "AutoWU", "AutoWUConfig", "Clock",
-           "ConAdv", "ConAdvConfig", "Extrapolation", "GradientNoiseProbe", "LargeBatchArguments", "LargeBatchSeq2SeqArguments",
-           "LargeBatchSeq2SeqTrainer", "LargeBatchTrainer", "LocalSGD", "LRHistory", "MicroBatch",
-           "NoiseScaleMonitor", "advise", "evaluate_under_attack", "plot_lr_and_loss", "run_recipe", "write_summary"]
+           "ConAdv", "ConAdvConfig", "Extrapolation", "GradientNoiseProbe", "LargeBatchArguments",
+           "LargeBatchSeq2SeqArguments", "LargeBatchSeq2SeqTrainer", "LargeBatchTrainer", "LocalSGD", "LRHistory",
+           "MicroBatch", "NoiseScaleMonitor", "advise", "evaluate_under_attack", "plot_lr_and_loss", "run_recipe",
+           "write_summary"]
 __version__ = "0.1.0"

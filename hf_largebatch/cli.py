@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{noise.value:.0f} examples ({noise.low:.0f} .. {noise.high:.0f}), rising from {noise.early:.0f} "
                   f"to {noise.late:.0f} over the probe; recommended batch {advice.probe_batch} .. "
                   f"{advice.recommended} with lr_scaling={advice.plans[0].rule} (learning_rate "
-                  f"{advice.plans[0].learning_rate:g}); details: {os.path.join(args.output_dir, 'advice', 'advice.md')}")
+                  f"{advice.plans[0].learning_rate:g}); details: "
+                  f"{os.path.join(args.output_dir, 'advice', 'advice.md')}")
         print(f"\nplot: {os.path.join(args.output_dir, 'lr_and_loss.png')}"
               f"\nreports: {os.path.join(args.output_dir, 'report_*')}"
               f"\nresults: {os.path.join(args.output_dir, 'results.json')}")

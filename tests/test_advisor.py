@@ -12,8 +12,8 @@ import pytest
 
 from hf_largebatch import LargeBatchArguments
 from hf_largebatch.advisor import (DOUBLING_SPEEDUP, Advice, adascale_gain, advice_from_probe, advise,
-                                   estimate_noise_scale, largest_efficient_batch, predicted_steps, steps_along_trajectory,
-                                   steps_over_min)
+                                   estimate_noise_scale, largest_efficient_batch, predicted_steps,
+                                   steps_along_trajectory, steps_over_min)
 from test_stats import DIM, MU, SIGMA, MeanEstimator, gaussian_points
 
 TRUE_NOISE_SCALE = DIM * SIGMA ** 2 / (DIM * MU ** 2)  # tr(Sigma) / ||G||^2 at w = 0: 16 examples
