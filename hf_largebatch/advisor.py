@@ -61,9 +61,17 @@ def examples_over_min(batch: float, noise: float) -> float:
     return 1.0 + batch / noise
 
 
+def steps_ratio(batch: float, reference: float, noise: float) -> float:
+    """Steps to a target at ``batch`` over those at ``reference``: ``(1 + B_noise/B) / (1 + B_noise/B_ref)``;
+    ``B_ref / B`` for an infinite noise scale (perfect scaling: the gradient is lost in its noise)."""
+    if math.isinf(noise):
+        return reference / batch
+    return steps_over_min(batch, noise) / steps_over_min(reference, noise)
+
+
 def predicted_steps(steps_at_base: float, base_batch: float, batch: float, noise: float) -> float:
     """Steps to a target at ``batch``, from the steps measured at ``base_batch`` (the same target)."""
-    return steps_at_base * steps_over_min(batch, noise) / steps_over_min(base_batch, noise)
+    return steps_at_base * steps_ratio(batch, base_batch, noise)
 
 
 def steps_along_trajectory(grad_sqr, trace, base_batch: float, batch: float, window: int = 25) -> float:
@@ -75,24 +83,21 @@ def steps_along_trajectory(grad_sqr, trace, base_batch: float, batch: float, win
     total = 0.0
     for start in range(0, len(grad_sqr), window):
         sq, tr = grad_sqr[start:start + window], trace[start:start + window]
-        noise = noise_scale(sq, tr)
-        ratio = base_batch / batch if math.isinf(noise) else steps_over_min(batch, noise) / steps_over_min(
-            base_batch, noise)
-        total += len(sq) * ratio
+        total += len(sq) * steps_ratio(batch, base_batch, noise_scale(sq, tr))
     return total
 
 
 def adascale_gain(base_batch: float, batch: float, noise: float) -> float:
     """AdaScale's gain ratio at ``S = batch / base_batch`` on these statistics: ``(sigma^2 + |G|^2) / (sigma^2/S +
     |G|^2)`` with ``sigma^2 = tr(Sigma) / B0``, i.e. ``(1 + B_noise/B0) / (1 + B_noise/B)``."""
-    return steps_over_min(base_batch, noise) / steps_over_min(batch, noise)
+    return 1.0 / steps_ratio(batch, base_batch, noise)
 
 
 def largest_efficient_batch(probe_batch: int, noise: float, speedup: float = DOUBLING_SPEEDUP) -> int:
     """The largest ``probe_batch x 2^k`` reached by doublings that each cut the steps by >= ``speedup``."""
     batch = probe_batch
     for _ in range(MAX_DOUBLINGS):
-        if steps_over_min(batch, noise) / steps_over_min(2 * batch, noise) < speedup:
+        if 1.0 / steps_ratio(2 * batch, batch, noise) < speedup:
             break
         batch *= 2
     return batch
@@ -127,7 +132,8 @@ def estimate_noise_scale(grad_sqr, trace, resamples: int = 2000, seed: int = 0) 
     picks = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
     sq, tr = grad_sqr[picks].mean(axis=1), trace[picks].mean(axis=1)
     boot = np.where(sq > 0, tr / np.where(sq > 0, sq, 1.0), np.inf)
-    low, high = np.percentile(boot, [16, 84])
+    with np.errstate(invalid="ignore"):  # resamples lost in their noise are inf: inf - inf between two of them
+        low, high = np.percentile(boot, [16, 84])
     half = n // 2
     return NoiseScaleEstimate(noise_scale(grad_sqr, trace), float(low), float(high),
                               noise_scale(grad_sqr[:half], trace[:half]), noise_scale(grad_sqr[half:], trace[half:]), n)
@@ -192,7 +198,7 @@ class Advice:
             batch = probe_batch * 2 ** k
             candidates.append({
                 "batch": batch,
-                "steps_vs_probe": steps_over_min(batch, noise.value) / steps_over_min(probe_batch, noise.value),
+                "steps_vs_probe": steps_ratio(batch, probe_batch, noise.value),
                 "examples_vs_probe": examples_over_min(batch, noise.value) / examples_over_min(probe_batch,
                                                                                                noise.value),
                 "steps_over_min": steps_over_min(batch, noise.value),
@@ -252,13 +258,30 @@ class Advice:
 
     def plot(self, path: str) -> str:
         """Steps vs examples (both over their minimum) as the batch grows, the 68% band, the candidates, the
-        recommendation starred. Returns ``path``."""
+        recommendation starred; without a finite positive noise scale (no trade-off curve), steps vs batch.
+        Returns ``path``."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        if math.isfinite(self.noise.value) and self.noise.value > 0:
+            self._plot_trade_off(ax)
+        else:  # an infinite noise scale scales perfectly, a zero one not at all
+            ax.plot([c["batch"] for c in self.candidates], [c["steps_vs_probe"] for c in self.candidates], "o-",
+                    color="C1")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("global batch")
+            ax.set_ylabel("optimizer steps / those at the probe's batch")
+            ax.set_title(f"noise scale {self.noise.value:g}: recommended {self.recommended}")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def _plot_trade_off(self, ax) -> None:
         batches = np.geomspace(self.probe_batch / 4, self.candidates[-1]["batch"] * 4, 200)
         for value, style in ((self.noise.low, ":"), (self.noise.high, ":"), (self.noise.value, "-")):
             if math.isfinite(value) and value > 0:
@@ -278,10 +301,6 @@ class Advice:
         ax.set_title("batch size trade-off (dotted: 68% interval)")
         ax.grid(alpha=0.3, which="both")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
 
     def write(self, output_dir: str) -> dict[str, str]:
         """``advice.json``, ``advice.md`` and ``advice.png`` in ``output_dir``; their paths."""

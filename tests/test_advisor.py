@@ -111,6 +111,20 @@ def test_steps_to_target_use_the_trajectory_the_probe_covered():
     assert advice.steps_to_target(200, 300) == pytest.approx(predicted_steps(300, 50, 200, 160))
 
 
+def test_a_gradient_lost_in_its_noise_scales_perfectly(tmp_path):
+    """Mean ||G||^2 <= 0 over the probe: an infinite noise scale, every doubling halves the steps."""
+    record = {"run": {"global_batch": 32, "learning_rate": 0.1, "optimizer": "SGD"}, "steps": list(range(1, 11)),
+              "grad_sqr": [1.0, -2.0] * 5, "trace": [50.0] * 10}
+    advice = Advice.from_record(record, resamples=100)
+    assert math.isinf(advice.noise.value)
+    assert advice.recommended == 32 * 2 ** 12
+    assert advice.plans[0].peak_lr == pytest.approx(0.1 * 2 ** 12)  # AdaScale's gain is S
+    assert advice.steps_to_target(64, 5) == pytest.approx(5 / 2)  # covered by the probe: each window halves
+    assert advice.steps_to_target(64, 100) == pytest.approx(100 / 2)
+    paths = advice.write(str(tmp_path))
+    assert json.loads(open(paths["json"]).read())["recommended_batch_range"] == [32, 32 * 2 ** 12]
+
+
 def test_lr_plans_follow_the_optimizer_family():
     record = {"run": {"global_batch": 32, "base_batch_size": 32, "learning_rate": 0.1, "optimizer": "SGD",
                       "legw_base_warmup_epochs": 0.5},
