@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         if advice is not None:
             noise = advice.noise
             print(f"\nadvisor (a {noise.steps}-step probe at batch {advice.probe_batch}): gradient noise scale "
-                  f"{noise.value:.0f} examples ({noise.low:.0f} .. {noise.high:.0f}), rising from {noise.early:.0f} "
-                  f"to {noise.late:.0f} over the probe; recommended batch {advice.probe_batch} .. "
+                  f"{noise.value:.0f} examples ({noise.low:.0f} .. {noise.high:.0f}), {noise.early:.0f} in the "
+                  f"probe's first half, {noise.late:.0f} in its second; recommended batch {advice.probe_batch} .. "
                   f"{advice.recommended} with lr_scaling={advice.plans[0].rule} (learning_rate "
                   f"{advice.plans[0].learning_rate:g}); details: "
                   f"{os.path.join(args.output_dir, 'advice', 'advice.md')}")

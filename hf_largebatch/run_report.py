@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,7 +70,7 @@ class RunLog:
         steps, values = zip(*pairs) if pairs else ((), ())
         return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
 
-    def axes(self) -> dict[str, callable]:
+    def axes(self) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
         """The x axes this run can be drawn against: step -> x, for ``steps`` always, ``examples`` (the adaptive
         batch's logged ``samples``, else steps x the global batch) and ``progress`` (AdaScale) where known."""
         axes = {"optimizer steps": lambda steps: steps}
@@ -194,7 +195,8 @@ def plot_family(run: RunLog, family: Family, path: str) -> str | None:
 def summary_markdown(run: RunLog, output_dir: str, pictures: dict[str, str]) -> str:
     lines = [f"# Run report: {output_dir}", "",
              f"Read from `{run.source}`: {run.last_step} optimizer steps"
-             + (" (the run is still going: its newest complete checkpoint)" if run.in_progress else "")
+             + (" (its newest complete checkpoint, with no final trainer_state.json or summary.json: the run may "
+                "still be going)" if run.in_progress else "")
              + (f", global batch {run.global_batch}" if run.global_batch else ", global batch not recorded") + ".",
              *(f"- {note}" for note in run.notes), "", "## Decided at start", ""]
     if run.run_summary:
