@@ -153,7 +153,7 @@ def conclude(rows: list[dict]) -> str:
     adascale = next(r for r in rows if r["rule"] == "adascale")
     fixed = max((r for r in rows[1:] if r["rule"] != "adascale"), key=lambda r: r["test_accuracy"])
     points = lambda r: 100 * (r["test_accuracy"] - base["test_accuracy"])  # noqa: E731
-    held = abs(points(adascale)) <= 1.0
+    held = points(adascale) >= -1.0  # within 1 point of the base run, or above it
     sentence = (f"At {adascale['scale']:g}x the batch, AdaScale {'kept' if held else 'did not keep'} the base run's "
                 f"accuracy ({100 * adascale['test_accuracy']:.1f}% vs {100 * base['test_accuracy']:.1f}%, "
                 f"{points(adascale):+.1f} points) in {base['steps'] / adascale['steps']:.1f}x fewer steps "

@@ -44,3 +44,17 @@ def test_demo_console_script(tmp_path):
         assert (tmp_path / f"report_{name}" / f"{family}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     png = tmp_path / "lr_and_loss.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_the_conclusion_follows_the_numbers():
+    from hf_largebatch.demo import conclude
+
+    def row(rule, accuracy, steps, batch=1024):
+        return {"rule": rule, "test_accuracy": accuracy, "steps": steps, "scale": batch / 16,
+                "examples_seen": steps * batch}
+
+    rows = [row("base", 0.95, 1000, 16), row("linear", 0.945, 20), row("legw", 0.90, 20), row("adascale", 0.92, 100)]
+    sentence = conclude(rows)
+    assert "AdaScale did not keep the base run's accuracy (92.0% vs 95.0%, -3.0 points)" in sentence
+    assert "10.0x fewer steps (100 vs 1000)" in sentence and "6.4x the examples" in sentence
+    assert "the best fixed rule, linear, came within 0.5 points" in sentence and "does not need AdaScale" in sentence
