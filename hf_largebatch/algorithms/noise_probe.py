@@ -8,6 +8,7 @@ bias the noise scale low) to average them, bootstrap them and follow their trend
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -23,7 +24,8 @@ class GradientNoiseProbe(Algorithm):
     example's gradient covariance, ``tr(Sigma)``: a micro-batch gradient's variance times its examples), and at the
     end writes them with the run's settings to ``<output_dir>/noise_probe.json`` (``hf_largebatch.advisor`` reads
     it). Training stops after ``steps`` optimizer steps (``None``: runs its course), on the run's own LR schedule.
-    Steps without an estimate (a single micro-batch, a non-finite norm) are left out and counted."""
+    Steps without an estimate (a single micro-batch, a non-finite norm) are left out and counted. With AdamScale in
+    the run the estimator measures its preconditioned gradients, and so does the probe (one measurement a run)."""
 
     name = "noise_probe"
     option = "noise_probe_steps=N"
@@ -61,7 +63,7 @@ class GradientNoiseProbe(Algorithm):
         if statistics is None:
             return
         grad_sqr, micro_var = statistics.unfloored
-        if not statistics.valid or grad_sqr != grad_sqr or micro_var != micro_var:
+        if not statistics.valid or math.isnan(grad_sqr) or math.isnan(micro_var):
             self.skipped_steps += 1
             return
         self.steps.append(state.global_step + 1)  # the step being taken
