@@ -230,7 +230,9 @@ class Advice:
                 "recommended_batch_range": [self.probe_batch, self.recommended],
                 "lr_plans": [dataclasses.asdict(plan) for plan in self.plans], "candidates": self.candidates}
 
-    def table(self) -> str:
+    def table(self, steps_to_target: float | None = None) -> str:
+        """The printed advice; with ``steps_to_target`` (the steps the probe's batch takes to a target), a column
+        of the steps each batch is predicted to take (``steps_to_target``)."""
         n = self.noise
         lines = [
             f"gradient noise scale B_noise = {n.value:.4g} examples (68% interval {n.low:.4g} .. {n.high:.4g}, "
@@ -238,15 +240,23 @@ class Advice:
             f"trend over the probe: {n.early:.4g} (first half) -> {n.late:.4g} (second half)"
             + (": rising, a larger batch pays later in training" if n.trend > 1.25 else ""),
             "",
-            "| batch | steps vs probe batch | examples vs probe batch | S/S_min | E/E_min | |",
-            "|---:|---:|---:|---:|---:|---|",
+            "| batch | steps vs probe batch | examples vs probe batch | S/S_min | E/E_min | "
+            + ("predicted steps to target | " if steps_to_target else "") + "|",
+            "|---:|---:|---:|---:|---:|" + ("---:|" if steps_to_target else "") + "---|",
         ]
         for c in self.candidates:
             mark = "recommended range" if c["recommended"] else ""
             if c["batch"] == self.recommended:
                 mark = "<- recommended"
+            predicted = f"{self.steps_to_target(c['batch'], steps_to_target):.0f} | " if steps_to_target else ""
             lines.append(f"| {c['batch']} | {c['steps_vs_probe']:.3f} | {c['examples_vs_probe']:.3f} | "
-                         f"{c['steps_over_min']:.3f} | {c['examples_over_min']:.3f} | {mark} |")
+                         f"{c['steps_over_min']:.3f} | {c['examples_over_min']:.3f} | {predicted}{mark} |")
+        if steps_to_target:
+            covered = bool(self.record and self.record["steps"] and self.record["steps"][-1] >= steps_to_target)
+            lines.append(f"(predicted from {steps_to_target:g} steps at batch {self.probe_batch}: "
+                         + ("along the noise scale the probe measured over them)" if covered else
+                            "the probe ended before them, so from its one noise scale: a lower bound of the saving "
+                            "when the noise scale rises)"))
         lines += ["", f"recommended batch: {self.probe_batch} .. {self.recommended} (each doubling buys >= "
                       f"{DOUBLING_SPEEDUP:g}x fewer steps); LR tuned at base batch {self.base_batch}: "
                       f"{self.learning_rate:g} ({self.optimizer})", "",

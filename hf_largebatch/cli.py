@@ -12,11 +12,16 @@ RECIPES = {"image": "image_classification.py", "lstm": "language_modeling_lstm.p
 
 def run_advise(args) -> int:
     """The probe in a child process (the script as the user runs it, plus the probe's options, which come last and
-    so win), then the advice from what it wrote."""
+    so win), then the advice from what it wrote; or, with ``--from-probe``, the advice from a probe already run."""
     import subprocess
 
     from .advisor import advice_from_probe
 
+    if args.from_probe:
+        try:
+            return _print_advice(advice_from_probe(args.from_probe), args)
+        except FileNotFoundError as error:
+            raise SystemExit(f"error: {error}") from None
     if args.recipe:
         recipes = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
         script = os.path.join(recipes, RECIPES[args.recipe])
@@ -36,9 +41,12 @@ def run_advise(args) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     if subprocess.run(cmd, env=env).returncode != 0:
         raise SystemExit("error: the probe run failed (its output is above)")
-    advice = advice_from_probe(probe_dir)
+    return _print_advice(advice_from_probe(probe_dir), args)
+
+
+def _print_advice(advice, args) -> int:
     paths = advice.write(args.output_dir)
-    print("\n" + advice.table())
+    print("\n" + advice.table(args.steps_to_target))
     print("\n" + "\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return 0
 
@@ -65,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     target = advise.add_mutually_exclusive_group(required=True)
     target.add_argument("--recipe", choices=sorted(RECIPES), help="one of this repository's recipes")
     target.add_argument("--script", help="a training script that parses LargeBatchArguments")
+    target.add_argument("--from-probe", help="no new probe: the noise_probe.json in this folder (a run trained with "
+                                             "noise_probe_steps, e.g. a whole base run)")
+    advise.add_argument("--steps-to-target", type=float,
+                        help="steps the probe's batch takes to your target: adds the predicted steps of each batch")
     advise.add_argument("--probe-steps", type=int, default=200)
     advise.add_argument("--output-dir", default="hf_largebatch_advice")
     advise.add_argument("script_args", nargs=argparse.REMAINDER, help="-- then the script's arguments")

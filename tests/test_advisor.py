@@ -172,3 +172,25 @@ def test_cli_advises_on_the_image_recipe_with_real_data(tmp_path):
     assert advice["noise_scale"]["value"] == pytest.approx(
         np.mean(record["trace"]) / np.mean(record["grad_sqr"]))
     assert "recommended batch" in result.stdout and (out / "advice.png").is_file()
+
+
+def test_cli_predicts_steps_from_a_probe_already_run(tmp_path, capsys):
+    """``advise --from-probe``: a base run's probe (here written by hand), the predicted steps of each batch."""
+    from hf_largebatch.cli import main
+
+    record = {"run": {"global_batch": 50, "learning_rate": 0.1, "optimizer": "SGD"}, "steps": list(range(1, 101)),
+              "grad_sqr": [4.0] * 50 + [1.0] * 50, "trace": [400.0] * 100}
+    (tmp_path / "noise_probe.json").write_text(json.dumps(record))
+    advice = Advice.from_record(record)
+
+    def cli(steps):
+        assert main(["advise", "--from-probe", str(tmp_path), "--steps-to-target", str(steps), "--output-dir",
+                     str(tmp_path / "out")]) == 0
+        return capsys.readouterr().out
+
+    out = cli(100)
+    assert f"| 200 | {advice.candidates[2]['steps_vs_probe']:.3f} |" in out
+    assert f"| {advice.steps_to_target(200, 100):.0f} |" in out and "along the noise scale the probe measured" in out
+    assert "a lower bound of the saving" in cli(300)
+    with pytest.raises(SystemExit, match="noise_probe_steps"):
+        main(["advise", "--from-probe", str(tmp_path / "none")])
