@@ -5,6 +5,7 @@ Usage (under torchrun, 2 ranks): timeout_worker.py OUT_DIR
 """
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,11 +14,22 @@ import torch.distributed as dist
 
 from hf_largebatch import LargeBatchArguments
 
-SLEEP = 8.0
+SLEEP = 12.0
+TIMEOUT = 2
+
+
+def wait_for_peer(out_dir: str) -> None:
+    """Both ranks past their imports before the process group starts: gloo's connection also runs under
+    ``ddp_timeout``, and two ranks importing torch under load arrive seconds apart (a 1 s timeout failed there)."""
+    rank = int(os.environ["RANK"])
+    Path(out_dir, f"ready{rank}").touch()
+    while not Path(out_dir, f"ready{1 - rank}").exists():
+        time.sleep(0.01)
 
 
 def main(out_dir: str) -> None:
-    args = LargeBatchArguments(output_dir=out_dir, use_cpu=True, ddp_timeout=1, report_to=[])
+    wait_for_peer(out_dir)
+    args = LargeBatchArguments(output_dir=out_dir, use_cpu=True, ddp_timeout=TIMEOUT, report_to=[])
     args.device  # noqa: B018 -- HF sets up the process group here
     if args.process_index == 1:
         time.sleep(SLEEP)
