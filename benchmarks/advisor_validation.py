@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from hf_largebatch.advisor import Advice, advise
+    from hf_largebatch.advisor import Advice, advise, noise_scale
 
     out = Path(opts.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -172,8 +172,6 @@ def main(argv=None) -> int:
         for key in ("probe", "trajectory"):
             row[f"error_{key}"] = row[f"predicted_{key}_median"] / row["measured_median"] - 1
         rows.append(row)
-    from hf_largebatch.advisor import noise_scale
-
     first = runs[base][0]["probe"]  # the noise scale along the first seed's base run, per 100 steps
     growth = [[start + 1, min(start + 100, len(first["grad_sqr"])),
                noise_scale(first["grad_sqr"][start:start + 100], first["trace"][start:start + 100])]

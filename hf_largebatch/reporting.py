@@ -107,7 +107,7 @@ def write_summary(trainer, metrics: dict, path: str, **extra) -> dict:
         "batch_size_history": adaptive.history if adaptive else [],
         "epochs": trainer.state.epoch,
         "metrics": metrics,
-        "run_summary": getattr(trainer, "run_summary", None),  # what was decided at start (run_summary.py)
+        "run_summary": trainer.run_summary,  # what was decided at start (run_summary.py)
         **extra,
         "log_history": trainer.state.log_history,
     }

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .core.checkpoints import TRAINER_STATE, newest_complete_checkpoint
+from .core.run_summary import summary_lines
 from .core.trainer import ALGORITHM_STATE_FILE, RUN_RECORD, SUMMARY_RECORD
 
 
@@ -200,13 +201,7 @@ def summary_markdown(run: RunLog, output_dir: str, pictures: dict[str, str]) -> 
              + (f", global batch {run.global_batch}" if run.global_batch else ", global batch not recorded") + ".",
              *(f"- {note}" for note in run.notes), "", "## Decided at start", ""]
     if run.run_summary:
-        for key, value in run.run_summary.items():
-            if key == "algorithms":
-                for name, settings in value.items():
-                    shown = ", ".join(f"{k}={v}" for k, v in settings.items()) or "(defaults)"
-                    lines.append(f"- algorithm {name}: {shown}")
-            else:
-                lines.append(f"- {key}: {value}")
+        lines += [f"- {line}" for line in summary_lines(run.run_summary)]
     else:
         lines.append("Not recorded (a run from before the start-up summary was kept in checkpoints and summaries).")
     lines += ["", "## Final metrics", "", "| metric | value |", "|---|---:|"]

@@ -22,16 +22,23 @@ def follow_process_log_level(level: int) -> None:
     logging.getLogger(LIBRARY_LOGGER).setLevel(level)
 
 
-def format_summary(summary: dict) -> str:
-    lines = ["***** hf_largebatch: what this run decided *****"]
+def summary_lines(summary: dict) -> list[str]:
+    """``key: value`` per decision, one ``algorithm name: settings`` line per algorithm (the log and the run
+    report show the same lines)."""
+    lines = []
     for key, value in summary.items():
         if key == "algorithms":
             for name, settings in value.items():
                 shown = ", ".join(f"{k}={v}" for k, v in settings.items())
-                lines.append(f"  algorithm {name}: {shown or '(defaults)'}")
+                lines.append(f"algorithm {name}: {shown or '(defaults)'}")
         else:
-            lines.append(f"  {key}: {value}")
-    return "\n".join(lines)
+            lines.append(f"{key}: {value}")
+    return lines
+
+
+def format_summary(summary: dict) -> str:
+    return "\n".join(["***** hf_largebatch: what this run decided *****"]
+                     + [f"  {line}" for line in summary_lines(summary)])
 
 
 def warmup_warning(summary: dict) -> str | None:
