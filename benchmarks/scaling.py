@@ -89,7 +89,7 @@ TASKS = {
         "recipe": "recipes/translation.py",
         "args": ["--preset", "small", "--optim", "adamw_torch", "--weight_decay", "0.0", "--label_smoothing_factor",
                  "0.1", "--lr_scheduler_type", "inverse_sqrt", "--generation_num_beams", "1", "--do_predict"],
-        "base_batch": 128, "learning_rate": 1e-3, "epochs": 20, "warmup_epochs": 1.0,
+        "base_batch": 128, "learning_rate": 1e-3, "epochs": 10, "warmup_epochs": 1.0,
         "logging_steps": 50,
         "metric": "eval_bleu", "higher_is_better": True, "extra_metrics": ["test_bleu"],
         "quick": ["--max_train_samples", "256", "--max_eval_samples", "32", "--max_predict_samples", "32"],
