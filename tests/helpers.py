@@ -260,7 +260,7 @@ def read_rank_results(out_dir, nproc: int = 2) -> list[dict]:
 
 
 def flat_params(model) -> np.ndarray:
-    return torch.cat([p.detach().reshape(-1).double() for p in model.parameters()]).numpy()
+    return torch.cat([p.detach().reshape(-1).double() for p in model.parameters()]).cpu().numpy()
 
 
 def use_cpu_grad_scaler(trainer, init_scale: float = 2.0 ** 16):

@@ -324,31 +324,42 @@ def test_input_name_chooses_the_perturbed_input():
                      shift_labels=False)
 
 
-@pytest.mark.parametrize("precision, accumulation", [("fp32", 2), ("fp32", 4), ("bf16", 2)])
-def test_concurrent_attacks_equal_the_attacks_in_line(tmp_path, monkeypatch, precision, accumulation):
-    """conadv's attacks run on a worker thread from the second step on, and every adversarial example, weight and
-    logged number equals the run that attacks in line (concurrent=False)."""
+ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("precision, accumulation, cuda", [
+    ("fp32", 2, False), ("fp32", 4, False), ("bf16", 2, False),
+    pytest.param("fp32", 4, True, marks=ON_CUDA), pytest.param("bf16", 4, True, marks=ON_CUDA)])
+def test_concurrent_attacks_equal_the_attacks_in_line(tmp_path, monkeypatch, precision, accumulation, cuda):
+    """conadv's attacks run on a worker thread from the second step on (on CUDA: on its side stream), and every
+    adversarial example, weight and logged number equals the run that attacks in line (concurrent=False). On
+    CUDA both runs use deterministic kernels (``full_determinism``), so only the streams differ."""
     import threading
 
     real = conadv_module.perturbation
 
     def run(concurrent):
-        deltas, threads = [], []
+        deltas, threads, side_stream = [], [], []
 
         def recording(*args, **kwargs):
             result = real(*args, **kwargs)
             deltas.append(result[1].clone())
             threads.append(threading.current_thread().name)
+            if cuda:
+                side_stream.append(torch.cuda.current_stream() != torch.cuda.default_stream())
             return result
 
         monkeypatch.setattr(conadv_module, "perturbation", recording)
         model = tiny_resnet()
         args = make_args(tmp_path / str(concurrent), adversarial_args=f"epsilon=0.1,concurrent={concurrent}",
                          per_device_train_batch_size=16 // accumulation, gradient_accumulation_steps=accumulation,
-                         bf16=precision == "bf16", max_steps=5)
+                         bf16=precision == "bf16", max_steps=5, use_cpu=not cuda, full_determinism=cuda)
         trainer = LargeBatchTrainer(model=model, args=args, train_dataset=digits_dataset(160))
         trainer.train()
-        return deltas, threads, flat_params(model), trainer.state.log_history
+        if cuda:  # the side stream's attacks, read on the training stream, are finished before the assertions
+            torch.cuda.synchronize()
+            assert side_stream == [name.startswith("conadv-attack") for name in threads]
+        return [d.cpu() for d in deltas], threads, flat_params(model), trainer.state.log_history
 
     deltas, threads, weights, logs = run(True)
     in_line_deltas, in_line_threads, in_line_weights, in_line_logs = run(False)

@@ -24,8 +24,9 @@ the step's inputs, both known when the step's micro-batches are drawn, so they r
 micro-batch order, while the trainer trains the earlier micro-batches (torch ops release the GIL; each thread
 uses torch's intra-op threads, so give each half the cores). The attack of micro-batch k+1 overlaps the training
 of micro-batch k: with n micro-batches a step, (n-1)/n of the attack time is hidden. The numbers are today's
-exactly: the same copy, seeds, order and autocast. On CUDA the attacks stay on the training stream (a side stream
-is not built yet), and ``sequential`` mode cannot overlap (it attacks the current weights).
+exactly: the same copy, seeds, order and autocast. On CUDA the worker also launches the attacks on a side stream
+(``AttackStream``), so the GPU runs their kernels beside the training stream's; events order the two streams.
+``sequential`` mode cannot overlap (it attacks the current weights).
 
 Inputs: a floating-point input (``pixel_values``, ...) is perturbed directly; ``input_ids`` are perturbed in
 embedding space, by adding the perturbation to the output of ``model.get_input_embeddings()`` for that call. (The
@@ -363,6 +364,7 @@ class ConAdv(Algorithm):
         # concurrent attacks: the worker, this step's (micro-batch, attack) started ahead, and what the attacks
         # need from the training forward (learnt at the first step, which attacks in line)
         self._worker: ThreadPoolExecutor | None = None
+        self._stream: AttackStream | None = None
         self._ahead: list[tuple[dict, Future]] = []
         self._shifts_labels: bool | None = None
         self._autocast: tuple[str, bool, torch.dtype] | None = None
@@ -375,29 +377,42 @@ class ConAdv(Algorithm):
 
     @property
     def overlaps(self) -> bool:
-        """Whether the attacks run ahead on a worker thread (conadv mode with ``concurrent``; CPU inputs)."""
+        """Whether the attacks run ahead on a worker thread (conadv mode with ``concurrent``)."""
         return self.mode == "conadv" and self.config.concurrent
 
     def on_micro_batches_drawn(self, args, state, control, *, batches: list, **kwargs):
-        """Start this step's attacks on the worker thread, in micro-batch order, on the stale copy ``w_{t-1}``
-        (from the second step on: the first makes the copy and learns the forward's autocast in line)."""
+        """Start this step's attacks on the worker thread (on CUDA: on its side stream), in micro-batch order, on
+        the stale copy ``w_{t-1}`` (from the second step on: the first makes the copy and learns the forward's
+        autocast in line)."""
         if not (self.overlaps and self.attack_model is not None and self._autocast is not None):
             return
-        if _device_of(batches[0]).type != "cpu":
-            return  # CUDA: a side stream with its events is not built yet; the attacks stay in line
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conadv-attack")
+            self._stream = AttackStream.for_device(_device_of(batches[0]))
+        ready = None if self._stream is None else self._stream.ready()
         self._ahead = [(batch, self._worker.submit(
-            self._attack, batch, micro_batch_seed(args.seed, state.global_step, k, args.process_index)))
+            self._attack, batch, micro_batch_seed(args.seed, state.global_step, k, args.process_index), ready))
             for k, batch in enumerate(batches)]
 
-    def _attack(self, inputs: dict, seed: int):
+    def _attack(self, inputs: dict, seed: int, ready) -> tuple:
         """One attack on the stale copy, seeded as in line, under the training forward's autocast (autocast is
-        per thread: the worker enters it again)."""
+        per thread: the worker enters it again): ``(key, delta, loss, done)``, ``done`` the side stream's event
+        on CUDA, else ``None``."""
         device_type, enabled, dtype = self._autocast
-        generator = torch.Generator(device=_device_of(inputs)).manual_seed(seed)
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            return perturbation(self.attack_model, inputs, self.config, generator, self._shifts_labels)
+
+        def attack():
+            generator = torch.Generator(device=_device_of(inputs)).manual_seed(seed)
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                return perturbation(self.attack_model, inputs, self.config, generator, self._shifts_labels)
+
+        return (*attack(), None) if self._stream is None else self._stream.attack(ready, inputs, attack)
+
+    def _take(self, future: Future) -> tuple:
+        """An attack's ``(key, delta, loss)``, once the training stream may use them."""
+        key, delta, loss, done = future.result()
+        if done is not None:
+            AttackStream.hand_over(done, delta, loss)
+        return key, delta, loss
 
     def _attack_started_ahead(self, micro_step: int, inputs: dict) -> Future | None:
         """The attack started for this micro-batch, if it was started on these very tensors (on CPU the trainer
@@ -411,15 +426,17 @@ class ConAdv(Algorithm):
         return None
 
     def _finish_attacks_ahead(self) -> None:
+        """Wait for every attack in flight (on CUDA the training stream waits for their kernels too: the stale
+        copy's BatchNorm statistics and weights are theirs until then)."""
         for _, future in self._ahead:
-            future.result()
+            self._take(future)
         self._ahead = []
 
     def on_train_end(self, args, state, control, **kwargs):
         self._finish_attacks_ahead()
         if self._worker is not None:
             self._worker.shutdown(wait=True)
-            self._worker = None
+            self._worker, self._stream = None, None
 
     def transform_micro_batch(self, args, state, control, *, step, model, inputs: dict) -> MicroBatch:
         """The ``[clean; adversarial]`` batch for this micro-batch and the context to run the model's forward in
@@ -431,7 +448,7 @@ class ConAdv(Algorithm):
         the last micro-batch's backward)."""
         ahead = self._attack_started_ahead(step.micro_step, inputs) if self._ahead else None
         if ahead is not None:
-            key, delta, loss = ahead.result()
+            key, delta, loss = self._take(ahead)
         else:
             seed = micro_batch_seed(args.seed, state.global_step, step.micro_step, args.process_index)
             if self.attack_model is None:
@@ -532,6 +549,51 @@ def evaluate_under_attack(trainer, dataset, config: ConAdvConfig, metric_key_pre
     else:
         metrics[f"{metric_key_prefix}_accuracy"] = correct / count
     return metrics
+
+
+class AttackStream:
+    """The CUDA side stream the worker's attacks run on, and the events that order it against the training stream
+    (none of this exists on CPU, where ``for_device`` gives ``None`` and the worker thread alone overlaps).
+
+    * ``ready()``, on the training thread when a step's batches are drawn: an event on the training stream after
+      everything the attacks read was written there (the inputs' copies to the device, the stale copy's weights).
+    * ``attack(ready, fn)``, on the worker: the side stream waits for ``ready``, runs ``fn`` and records ``done``.
+      The inputs, allocated on the training stream, are marked as used by the side stream so the caching allocator
+      does not hand their memory out while the attack still reads it.
+    * ``hand_over(done, *tensors)``, on the training thread before it uses an attack's results: the training
+      stream waits for ``done``, and the results, allocated on the side stream, are marked as used by it.
+    """
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device=device)
+
+    @staticmethod
+    def for_device(device: torch.device) -> "AttackStream | None":
+        return AttackStream(device) if device.type == "cuda" else None
+
+    @staticmethod
+    def ready() -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def attack(self, ready: torch.cuda.Event, inputs: dict, fn: Callable[[], tuple]) -> tuple:
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            for value in inputs.values():
+                if isinstance(value, torch.Tensor):
+                    value.record_stream(self.stream)
+            result = fn()
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return (*result, done)
+
+    @staticmethod
+    def hand_over(done: torch.cuda.Event, *tensors: torch.Tensor) -> None:
+        training = torch.cuda.current_stream()
+        training.wait_event(done)
+        for tensor in tensors:
+            tensor.record_stream(training)
 
 
 def _device_of(inputs: dict) -> torch.device:
