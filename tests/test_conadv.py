@@ -361,8 +361,18 @@ def test_concurrent_attacks_equal_the_attacks_in_line(tmp_path, monkeypatch, pre
             assert side_stream == [name.startswith("conadv-attack") for name in threads]
         return [d.cpu() for d in deltas], threads, flat_params(model), trainer.state.log_history
 
-    deltas, threads, weights, logs = run(True)
-    in_line_deltas, in_line_threads, in_line_weights, in_line_logs = run(False)
+    if cuda:  # full_determinism switches process-wide state on: the later tests get theirs back
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "0")
+        restore = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                   torch.backends.cudnn.benchmark)
+    try:
+        deltas, threads, weights, logs = run(True)
+        in_line_deltas, in_line_threads, in_line_weights, in_line_logs = run(False)
+    finally:
+        if cuda:
+            torch.use_deterministic_algorithms(restore[0])
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = restore[1:]
     assert len(deltas) == len(in_line_deltas) == 5 * accumulation
     for got, expected in zip(deltas, in_line_deltas):
         assert torch.equal(got, expected)

@@ -565,23 +565,23 @@ class AttackStream:
     """
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.stream = torch.cuda.Stream(device=device)
 
     @staticmethod
     def for_device(device: torch.device) -> "AttackStream | None":
         return AttackStream(device) if device.type == "cuda" else None
 
-    @staticmethod
-    def ready() -> torch.cuda.Event:
+    def ready(self) -> torch.cuda.Event:
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         return event
 
     def attack(self, ready: torch.cuda.Event, inputs: dict, fn: Callable[[], tuple]) -> tuple:
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(ready)
             for value in inputs.values():
-                if isinstance(value, torch.Tensor):
+                if isinstance(value, torch.Tensor) and value.device == self.stream.device:
                     value.record_stream(self.stream)
             result = fn()
             done = torch.cuda.Event()
@@ -590,7 +590,7 @@ class AttackStream:
 
     @staticmethod
     def hand_over(done: torch.cuda.Event, *tensors: torch.Tensor) -> None:
-        training = torch.cuda.current_stream()
+        training = torch.cuda.current_stream(tensors[0].device)
         training.wait_event(done)
         for tensor in tensors:
             tensor.record_stream(training)
