@@ -557,9 +557,9 @@ class AttackStream:
 
     * ``ready()``, on the training thread when a step's batches are drawn: an event on the training stream after
       everything the attacks read was written there (the inputs' copies to the device, the stale copy's weights).
-    * ``attack(ready, fn)``, on the worker: the side stream waits for ``ready``, runs ``fn`` and records ``done``.
-      The inputs, allocated on the training stream, are marked as used by the side stream so the caching allocator
-      does not hand their memory out while the attack still reads it.
+    * ``attack(ready, inputs, fn)``, on the worker: the side stream waits for ``ready``, runs ``fn`` and records
+      ``done``. The inputs, allocated on the training stream, are marked as used by the side stream so the caching
+      allocator does not hand their memory out while the attack still reads it.
     * ``hand_over(done, *tensors)``, on the training thread before it uses an attack's results: the training
       stream waits for ``done``, and the results, allocated on the side stream, are marked as used by it.
     """
