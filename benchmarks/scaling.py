@@ -302,6 +302,9 @@ def plot(rows: list[dict], task: dict, out: Path, title: str) -> list[Path]:
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
     axes[1].set_xscale("linear")
+    if "perplexity" in metric:  # a diverging run's perplexity is orders of magnitude above the others'
+        axes[0].set_yscale("log")
+        axes[1].set_yscale("log")
     axes[0].legend(fontsize=8)
     paths = [save_figure(fig, out / "scaling.png", title)]
     adascale = [r for r in rows if r.get("adascale_curve")]
