@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,6 +258,10 @@ def _free_port() -> int:
 
 def read_rank_results(out_dir, nproc: int = 2) -> list[dict]:
     return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+#: marks of a test case that needs CUDA (``pytest -m gpu`` selects them; skipped on CPU)
+ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def flat_params(model) -> np.ndarray:

@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 import hf_largebatch.algorithms.conadv as conadv_module
 from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
 from hf_largebatch.algorithms.conadv import ConAdv, ConAdvConfig, perturbation, signed_gradient_perturbation
-from helpers import (conadv_batch, digits_dataset, flat_params, freeze_batchnorm_statistics, single_thread,
+from helpers import (ON_CUDA, conadv_batch, digits_dataset, flat_params, freeze_batchnorm_statistics, single_thread,
                      tiny_bert_classifier, tiny_gpt2_lm, tiny_resnet, token_dataset)
 
 _threads = pytest.fixture(autouse=True)(single_thread)
@@ -322,9 +322,6 @@ def test_input_name_chooses_the_perturbed_input():
     with pytest.raises(KeyError, match="'missing' is not in the batch"):
         perturbation(_TwoInputs(), inputs, ConAdvConfig(epsilon=0.1, input_name="missing"), torch.Generator(),
                      shift_labels=False)
-
-
-ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 @pytest.mark.parametrize("precision, accumulation, cuda", [

@@ -15,7 +15,7 @@ from hf_largebatch import LargeBatchArguments, LargeBatchTrainer
 from hf_largebatch import NoiseScaleMonitor
 from hf_largebatch.core.statistics import (BiasCorrectedEMA, GradientStatistics, smoothing_for_scale,
                                            unbiased_estimates)
-from helpers import DictDataset, use_cpu_grad_scaler
+from helpers import ON_CUDA, DictDataset, use_cpu_grad_scaler
 
 DIM, MU, SIGMA = 10, 0.5, 2.0
 
@@ -104,9 +104,6 @@ def assert_known_statistics(stats):
     assert stats.grad_sqr.value == pytest.approx(DIM * MU ** 2, rel=0.15)
     assert stats.grad_var.value == pytest.approx(DIM * SIGMA ** 2 / 8, rel=0.1)
     assert stats.noise_scale == pytest.approx(SIGMA ** 2 / MU ** 2, rel=0.2)
-
-
-ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 @pytest.mark.parametrize("precision,cuda", [("fp16", False), pytest.param("fp16", True, marks=ON_CUDA),

@@ -565,7 +565,6 @@ class AttackStream:
     """
 
     def __init__(self, device: torch.device):
-        self.device = device
         self.stream = torch.cuda.Stream(device=device)
 
     @staticmethod
@@ -574,7 +573,7 @@ class AttackStream:
 
     def ready(self) -> torch.cuda.Event:
         event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
+        event.record(torch.cuda.current_stream(self.stream.device))
         return event
 
     def attack(self, ready: torch.cuda.Event, inputs: dict, fn: Callable[[], tuple]) -> tuple:
