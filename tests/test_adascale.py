@@ -139,6 +139,20 @@ def test_progress_schedule_and_stopping(tmp_path):
     assert logs[-1]["epoch"] == pytest.approx(progress[-1] / 32)  # epochs counted on progress (base epochs)
 
 
+def test_epoch_step_decay_runs_on_progress(tmp_path):
+    """Zaremba's schedule under AdaScale (``lr_decay_epochs`` with a ``num_train_epochs`` budget): x0.5 once progress
+    passes epoch 1 of the base run's 2 (tau = 32 of T_base = 64); the user's max_steps is theirs again afterwards."""
+    trainer, _, history = make(tmp_path, base=8, epochs=2, lr_scheduler_type="constant", warmup_steps=0,
+                               lr_decay_epochs=[1.0], lr_decay_factor=0.5)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "adascale_gain" in h]
+    before = np.concatenate([[0.0], [h["progress"] for h in logs][:-1]])
+    expected = [h["adascale_gain"] * 0.05 * (0.5 if math.floor(t) >= 32 else 1.0) for h, t in zip(logs, before)]
+    assert min(before) < 32 <= max(before)  # the decay fell inside the run
+    np.testing.assert_allclose(history.learning_rates, expected, rtol=1e-9)
+    assert trainer.state.max_steps == 64 and trainer.args.max_steps == -1
+
+
 def test_evaluation_follows_progress(tmp_path):
     trainer, _, _ = make(tmp_path, base=8, epochs=2, eval_strategy="steps", eval_steps=16,
                          eval_dataset=digits_dataset(64))

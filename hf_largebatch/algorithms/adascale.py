@@ -218,8 +218,10 @@ class AdaScale(SmoothedNoiseScale):
 
     def on_setup(self, args, state, control, *, run, **kwargs):
         # The budget is the base run's: T_base optimizer steps at B0 (an upper bound, since the gain r >= 1).
+        # Through ``run.override``: the user's own budget stays readable (``lr_decay_epochs`` places its epochs by
+        # it) and comes back when train() ends.
         if args.max_steps <= 0:
-            args.max_steps = math.ceil(args.num_train_epochs * run.steps_per_epoch() * run.scale)
+            run.override("max_steps", math.ceil(args.num_train_epochs * run.steps_per_epoch() * run.scale))
 
     def schedule_clock(self, num_training_steps: int) -> Clock:
         """The schedule runs on progress tau (base-batch steps), not on optimizer steps."""
