@@ -191,6 +191,19 @@ def test_schedule_and_budget_count_samples(tmp_path):
         assert lr == pytest.approx(expected, rel=1e-6), (t, lr, expected)
 
 
+def test_epoch_step_decay_counts_samples(tmp_path):
+    """lr_decay_epochs on the samples clock: x0.5 once the run has seen epoch 1 of its 2 epochs' samples (256 of
+    512), however far the batch has grown by then."""
+    history = LRHistory(16)
+    trainer, model, sizes = run(tmp_path, "norm", ",eta=0.5", callbacks=[history], lr_decay_epochs=[1.0],
+                                lr_decay_factor=0.5, lr_scaling="linear", base_batch_size=16)
+    before = np.cumsum([0] + sizes.sizes[:-1])
+    assert max(sizes.sizes) > 16 and before.min() < 256 <= before.max()
+    expected = [0.1 * (batch / 16) * (0.5 if samples // 16 >= 16 else 1.0)
+                for batch, samples in zip(sizes.sizes, before)]
+    np.testing.assert_allclose(history.learning_rates, expected, rtol=1e-6)
+
+
 def test_resume_is_exact(tmp_path):
     full, full_model, full_sizes = run(tmp_path / "full", "norm", ",eta=0.5", save_strategy="steps", save_steps=3)
     assert full_sizes.sizes[2] > 16  # the checkpoint of step 3 holds a grown batch, mid-epoch
