@@ -118,9 +118,10 @@ def recipe_command(task: dict, multiple: int, method: str, epochs: float, out_di
     base = task["base_batch"]
     w0 = task["warmup_epochs"]
     micro_batches = 2 if method == "adascale" else 1
+    epochs_text = f"{epochs:g}" if float(epochs).is_integer() else str(epochs)  # --epochs 30 runs the task's 30
     cmd = [sys.executable, task["recipe"], *task["args"], "--output_dir", str(out_dir),
            "--per_device_train_batch_size", str(base * multiple // micro_batches),
-           "--gradient_accumulation_steps", str(micro_batches), "--num_train_epochs", str(epochs),
+           "--gradient_accumulation_steps", str(micro_batches), "--num_train_epochs", epochs_text,
            "--learning_rate", str(task["learning_rate"]), "--base_batch_size", str(base),
            "--eval_strategy", "epoch", "--logging_steps", str(task.get("logging_steps", 1)),
            # every run checkpoints each epoch (only the newest kept): a killed benchmark resumes it there
@@ -203,6 +204,36 @@ def machine_name() -> str:
     except OSError:
         model = None
     return model or platform.processor() or platform.machine()
+
+
+def refuse_other_commands_runs(runs: list[tuple[Path, list[str]]]) -> None:
+    """A run folder that holds another command's work (a checkpoint or a finished run) stops the benchmark before
+    anything runs: resuming it with this command would mix two runs, and replacing it would lose hours."""
+    for run_dir, cmd in runs:
+        started = run_dir / "command.json"
+        if not started.is_file() or json.loads(started.read_text()) == cmd:
+            continue
+        if (run_dir / "summary.json").is_file() or any(run_dir.glob("checkpoint-*")):
+            old, new = flag_values(json.loads(started.read_text())), flag_values(cmd)
+            changed = "; ".join(f"{flag} {' '.join(old.get(flag, ['(absent)']))} -> "
+                                f"{' '.join(new.get(flag, ['(absent)']))}"
+                                for flag in sorted(old.keys() | new.keys()) if old.get(flag) != new.get(flag))
+            changed = changed or "the same arguments in another order"
+            raise SystemExit(f"{run_dir} holds a run of another command ({changed}); rerun with that run's command "
+                             "to continue it, pass another --out for this one, or --fresh to discard the runs in "
+                             "--out and start them again")
+
+
+def flag_values(cmd: list[str]) -> dict[str, list[str]]:
+    """A recipe command's ``--flag value...`` arguments by flag (the interpreter and script under '')."""
+    values, flag = {"": []}, ""
+    for token in cmd:
+        if token.startswith("--"):
+            flag = token
+            values.setdefault(flag, [])
+        else:
+            values[flag].append(token)
+    return values
 
 
 def resume_flags(run_dir: Path) -> list[str]:
@@ -402,12 +433,18 @@ def main(argv=None) -> int:
             for label, multiple, method in run_configs(opts.multiples, opts.methods)
             if not opts.runs or label in opts.runs]
 
-    def execute(label, multiple, method, repeat) -> dict:
+    def folder_and_command(label, multiple, method, repeat) -> tuple[Path, list[str]]:
         run_dir = out / "runs" / f"{label.replace(' ', '_')}_r{repeat}"
-        cmd = recipe_command(task, multiple, method, epochs, run_dir, extra, opts.quick, opts.device)
+        return run_dir, recipe_command(task, multiple, method, epochs, run_dir, extra, opts.quick, opts.device)
+
+    if not opts.fresh:  # before any run starts: a run of another command is never overwritten unasked
+        refuse_other_commands_runs([folder_and_command(*config) for config in plan])
+
+    def execute(label, multiple, method, repeat) -> dict:
+        run_dir, cmd = folder_and_command(label, multiple, method, repeat)
         started = run_dir / "command.json"
         if opts.fresh or (started.is_file() and json.loads(started.read_text()) != cmd):
-            shutil.rmtree(run_dir, ignore_errors=True)  # another command's run: not this one to resume
+            shutil.rmtree(run_dir, ignore_errors=True)  # --fresh, or another command's run that had not begun
         run_dir.mkdir(parents=True, exist_ok=True)
         started.write_text(json.dumps(cmd))
         sittings = Sittings(run_dir)

@@ -132,6 +132,12 @@ def test_scaling_resumes_a_killed_run_from_its_checkpoint_and_skips_finished_one
     assert [s["finished"] for s in sittings] == [False, True]
     again = run([*command[1:]], out)
     assert "recipes/language_modeling_lstm.py" not in again.stdout  # finished: not run again
+    # another command on the same folder is refused before it runs, and the finished run stays
+    other = subprocess.run([sys.executable, *command[1:], "--epochs", "2", "--out", str(out)], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "--num_train_epochs 3 -> 2" in other.stderr and "--fresh" in other.stderr
+    assert "recipes/language_modeling_lstm.py" not in other.stdout
+    assert (out / "runs" / "base_r0" / "summary.json").is_file()
 
     straight = tmp_path / "straight"
     run([*command[1:]], straight)
@@ -151,3 +157,16 @@ def test_scaling_table_gives_adascales_step_efficiency():
     table = scaling.to_markdown([row("base", "base", 1600, 1), row("16x adascale", "adascale", 137, 16)],
                                 scaling.TASKS["ptb"], "machine")
     assert "137 steps against the ideal T_base / S = 100: step efficiency 73%" in table
+
+
+def test_an_epoch_budget_given_as_a_float_runs_the_tasks_own_command(tmp_path):
+    """``--epochs 30`` (a float) and a task's ``epochs: 30`` are one run: the same command, so one resumes the other
+    (a differing command is refused: see the resume test)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import scaling
+
+    task = scaling.TASKS["cifar10"]
+    given, own = (scaling.recipe_command(task, 16, "legw", epochs, tmp_path, [], False) for epochs in (30.0, 30))
+    assert given == own and given[given.index("--num_train_epochs") + 1] == "30"
+    half = scaling.recipe_command(task, 16, "legw", 2.5, tmp_path, [], False)
+    assert half[half.index("--num_train_epochs") + 1] == "2.5"
