@@ -6,7 +6,9 @@ warm-up, LR rule), with ``--adversarial`` and ``--eval_adversarial_args`` added.
     python benchmarks/adversarial.py --task image --multiple 16 --method linear --attack pixel_epsilon=0.1
     python benchmarks/adversarial.py --task lstm --multiple 8 --method sqrt --attack epsilon=0.02
 
-Writes ``<out>/results.json`` and ``<out>/table.md`` (default out: benchmarks/results/<task>_adversarial).
+Writes ``<out>/results.json`` and ``<out>/table.md`` (default out: benchmarks/results/<task>_adversarial). Every
+run checkpoints each epoch: the same command again skips finished runs and continues a killed one (``scaling.py``'s
+resume, wall times summed over sittings).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -32,16 +33,20 @@ def run_all(opts) -> list[dict]:
     epochs = opts.epochs or task["epochs"]
     out = Path(opts.out or f"benchmarks/results/{opts.task}_adversarial")
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    rows = []
+    runs = []
     for mode in MODES:
         label = f"{opts.multiple}x {opts.method}" + ("" if mode == "none" else f" + {mode}")
         run_dir = out / "runs" / label.replace(" ", "_").replace("+_", "")
         extra = ["--eval_adversarial_args", opts.attack]
         if mode != "none":
             extra += ["--adversarial", mode, "--adversarial_args", opts.attack]
-        cmd = scaling.recipe_command(task, opts.multiple, opts.method, epochs, run_dir, extra, opts.quick)
-        print(f"[{label}] {' '.join(cmd)}", flush=True)
-        wall = scaling.run_one(cmd, out / f"{run_dir.name}.log")
+        runs.append((mode, label, run_dir, scaling.recipe_command(task, opts.multiple, opts.method, epochs, run_dir,
+                                                                 extra, opts.quick)))
+    if not opts.fresh:
+        scaling.refuse_other_commands_runs([(run_dir, cmd) for _, _, run_dir, cmd in runs])
+    rows = []
+    for mode, label, run_dir, cmd in runs:  # each resumes where a killed benchmark left it, as scaling.py's do
+        wall = scaling.run_resumably(run_dir, cmd, label, opts.threads, opts.fresh)
         summary = json.loads((run_dir / "summary.json").read_text())
         metric = task["metric"]
         rows.append({"run": label, "mode": mode, "global_batch": summary["global_batch_size"],
@@ -49,14 +54,14 @@ def run_all(opts) -> list[dict]:
                      "adversarial_metric": summary["metrics"][ADVERSARIAL_METRIC[metric]],
                      "optimizer_steps": summary["optimizer_steps"], "wall_s": wall, "command": cmd})
     (out / "results.json").write_text(json.dumps(rows, indent=1))
-    table = to_markdown(rows, task["metric"], opts.attack)
+    table = to_markdown(rows, task["metric"], opts.attack, opts.threads or torch.get_num_threads())
     (out / "table.md").write_text(table + "\n")
     print(table)
     return rows
 
 
-def to_markdown(rows: list[dict], metric: str, attack: str) -> str:
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
+def to_markdown(rows: list[dict], metric: str, attack: str, threads: int) -> str:
+    machine = f"{scaling.machine_name()}, {os.cpu_count()} CPU cores, torch threads per run {threads}"
     lines = [f"Attack `{attack}` (one signed-gradient step, random start); {machine}.", "",
              f"| run | global batch | {metric} (clean) | {ADVERSARIAL_METRIC[metric]} (under attack) | optimizer steps "
              "| wall time (s) |", "|---|---:|---:|---:|---:|---:|"]
@@ -76,6 +81,9 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=float, help="epoch budget (default: the task's)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--quick", action="store_true", help="CI smoke test: the task's data subset")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (default: torch's)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start every run anew (default: a rerun skips finished runs and resumes unfinished ones)")
     opts = p.parse_args(argv)
     if opts.quick:
         opts.epochs = opts.epochs or 1

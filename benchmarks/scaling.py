@@ -206,6 +206,22 @@ def machine_name() -> str:
     return model or platform.processor() or platform.machine()
 
 
+def run_resumably(run_dir: Path, cmd: list[str], label: str, threads: int | None, fresh: bool) -> float:
+    """Run ``cmd`` in ``run_dir`` to its end: skipped if it finished, continued from its newest complete checkpoint
+    if it started (``refuse_other_commands_runs`` has checked the folder first); its wall time over all sittings."""
+    started = run_dir / "command.json"
+    if fresh or (started.is_file() and json.loads(started.read_text()) != cmd):
+        shutil.rmtree(run_dir, ignore_errors=True)  # --fresh, or another command's run that had not begun
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started.write_text(json.dumps(cmd))
+    sittings = Sittings(run_dir)
+    if not (sittings.done and sittings.done[-1]["finished"] and (run_dir / "summary.json").is_file()):
+        resume = resume_flags(run_dir)
+        print(f"[{label}] {' '.join(cmd + resume)}", flush=True)
+        sittings.run(cmd + resume, run_dir / "log.txt", threads)
+    return sittings.total_s
+
+
 def refuse_other_commands_runs(runs: list[tuple[Path, list[str]]]) -> None:
     """A run folder that holds another command's work (a checkpoint or a finished run) stops the benchmark before
     anything runs: resuming it with this command would mix two runs, and replacing it would lose hours."""
@@ -442,17 +458,7 @@ def main(argv=None) -> int:
 
     def execute(label, multiple, method, repeat) -> dict:
         run_dir, cmd = folder_and_command(label, multiple, method, repeat)
-        started = run_dir / "command.json"
-        if opts.fresh or (started.is_file() and json.loads(started.read_text()) != cmd):
-            shutil.rmtree(run_dir, ignore_errors=True)  # --fresh, or another command's run that had not begun
-        run_dir.mkdir(parents=True, exist_ok=True)
-        started.write_text(json.dumps(cmd))
-        sittings = Sittings(run_dir)
-        if not (sittings.done and sittings.done[-1]["finished"] and (run_dir / "summary.json").is_file()):
-            resume = resume_flags(run_dir)
-            print(f"[{label}] {' '.join(cmd + resume)}", flush=True)
-            sittings.run(cmd + resume, run_dir / "log.txt", threads)
-        wall = sittings.total_s
+        wall = run_resumably(run_dir, cmd, label, threads, opts.fresh)
         summary = json.loads((run_dir / "summary.json").read_text())
         row = summarise(label, multiple, method, summary, wall, task["metric"], repeat, task.get("extra_metrics", ()))
         print(f"[{label}] {task['metric']}={row['metric']:.4g} steps={row['optimizer_steps']} wall={wall:.0f}s",

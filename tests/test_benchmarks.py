@@ -71,8 +71,9 @@ def test_scaling_quick_autowu(tmp_path):
 
 
 def test_adversarial_quick(tmp_path):
-    run(["benchmarks/adversarial.py", "--task", "image", "--quick", "--multiple", "2", "--attack",
-         "pixel_epsilon=0.1"], tmp_path)
+    command = ["benchmarks/adversarial.py", "--task", "image", "--quick", "--multiple", "2", "--attack",
+               "pixel_epsilon=0.1"]
+    run(command, tmp_path)
     rows = {r["mode"]: r for r in json.loads((tmp_path / "results.json").read_text())}
     assert set(rows) == {"none", "sequential", "conadv"}
     # the attack works: every model is less accurate under it than on the clean images
@@ -80,6 +81,9 @@ def test_adversarial_quick(tmp_path):
     assert "--adversarial" not in rows["none"]["command"]
     assert rows["conadv"]["command"][rows["conadv"]["command"].index("--adversarial") + 1] == "conadv"
     assert "| 2x linear + conadv | 128 |" in (tmp_path / "table.md").read_text()
+    again = run(command, tmp_path)  # finished runs are not run again; their rows come back from their summaries
+    assert "recipes/" not in again.stdout
+    assert json.loads((tmp_path / "results.json").read_text()) == list(rows.values())
 
 
 def test_overhead_quick_conadv_same_process(tmp_path):
