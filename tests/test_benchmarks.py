@@ -2,6 +2,7 @@
 Timings themselves are never asserted here; they live in BENCHMARKS.md."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -174,3 +175,21 @@ def test_an_epoch_budget_given_as_a_float_runs_the_tasks_own_command(tmp_path):
     assert given == own and given[given.index("--num_train_epochs") + 1] == "30"
     half = scaling.recipe_command(task, 16, "legw", 2.5, tmp_path, [], False)
     assert half[half.index("--num_train_epochs") + 1] == "2.5"
+
+
+def test_lm_perplexity_carries_the_state_as_one_long_forward_would():
+    """``benchmarks/lm_perplexity.py``: 20-token segments with the state carried score each stream as one forward
+    over the whole stream does (two streams, lengths not a multiple of the segment)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import lm_perplexity
+    import torch
+
+    from helpers import tiny_lstm_lm
+
+    model = tiny_lstm_lm().eval()
+    tokens = torch.randint(0, 64, (2 * 57 + 1,), generator=torch.Generator().manual_seed(0))
+    streams, targets = tokens[:114].view(2, 57), tokens[1:115].view(2, 57)
+    with torch.no_grad():
+        whole = torch.nn.functional.cross_entropy(model(streams).logits.flatten(0, 1), targets.flatten())
+    assert lm_perplexity.stateful_perplexity(model, tokens, 2, 20) == pytest.approx(math.exp(whole.item()),
+                                                                                     rel=1e-5)
