@@ -28,7 +28,7 @@ MODES = ("none", "sequential", "conadv")
 ADVERSARIAL_METRIC = {"eval_accuracy": "eval_adv_accuracy", "eval_perplexity": "eval_adv_perplexity"}
 
 
-def run_all(opts) -> list[dict]:
+def run_all(opts, recipe_args: list[str] = ()) -> list[dict]:
     task = scaling.TASKS[opts.task]
     epochs = opts.epochs or task["epochs"]
     out = Path(opts.out or f"benchmarks/results/{opts.task}_adversarial")
@@ -37,31 +37,37 @@ def run_all(opts) -> list[dict]:
     for mode in MODES:
         label = f"{opts.multiple}x {opts.method}" + ("" if mode == "none" else f" + {mode}")
         run_dir = out / "runs" / label.replace(" ", "_").replace("+_", "")
-        extra = ["--eval_adversarial_args", opts.attack]
+        extra = [*recipe_args, "--eval_adversarial_args", opts.attack]
         if mode != "none":
             extra += ["--adversarial", mode, "--adversarial_args", opts.attack]
         runs.append((mode, label, run_dir, scaling.recipe_command(task, opts.multiple, opts.method, epochs, run_dir,
-                                                                 extra, opts.quick)))
+                                                                 extra, opts.quick, opts.device)))
     if not opts.fresh:
         scaling.refuse_other_commands_runs([(run_dir, cmd) for _, _, run_dir, cmd in runs])
-    rows = []
-    for mode, label, run_dir, cmd in runs:  # each resumes where a killed benchmark left it, as scaling.py's do
-        wall = scaling.run_resumably(run_dir, cmd, label, opts.threads, opts.fresh)
+    machine = scaling.machine_name(opts.device)
+    threads = opts.threads or (1 if opts.jobs > 1 else None)
+
+    def execute(mode, label, run_dir, cmd) -> dict:  # it resumes where a killed benchmark left it, as scaling.py's
+        wall = scaling.run_resumably(run_dir, cmd, label, threads, opts.fresh, machine)
         summary = json.loads((run_dir / "summary.json").read_text())
         metric = task["metric"]
-        rows.append({"run": label, "mode": mode, "global_batch": summary["global_batch_size"],
-                     "metric": summary["metrics"][metric],
-                     "adversarial_metric": summary["metrics"][ADVERSARIAL_METRIC[metric]],
-                     "optimizer_steps": summary["optimizer_steps"], "wall_s": wall, "command": cmd})
+        return {"run": label, "mode": mode, "global_batch": summary["global_batch_size"],
+                "metric": summary["metrics"][metric],
+                "adversarial_metric": summary["metrics"][ADVERSARIAL_METRIC[metric]],
+                "optimizer_steps": summary["optimizer_steps"], "wall_s": wall, "command": cmd,
+                "machines": sorted(set(scaling.Sittings(run_dir).machines))}
+
+    rows = scaling.run_each(lambda run: execute(*run), runs, opts.jobs)  # --jobs: a GPU machine has room
     (out / "results.json").write_text(json.dumps(rows, indent=1))
-    table = to_markdown(rows, task["metric"], opts.attack, opts.threads or torch.get_num_threads())
+    table = to_markdown(rows, task["metric"], opts.attack, threads or torch.get_num_threads(), opts.jobs)
     (out / "table.md").write_text(table + "\n")
     print(table)
     return rows
 
 
-def to_markdown(rows: list[dict], metric: str, attack: str, threads: int) -> str:
-    machine = f"{scaling.machine_name()}, {os.cpu_count()} CPU cores, torch threads per run {threads}"
+def to_markdown(rows: list[dict], metric: str, attack: str, threads: int, jobs: int = 1) -> str:
+    machine = (f"{'; '.join(sorted({m for r in rows for m in r['machines']}))}, {os.cpu_count()} CPU cores, "
+               f"torch threads per run {threads}" + (f", {jobs} runs at once" if jobs > 1 else ""))
     lines = [f"Attack `{attack}` (one signed-gradient step, random start); {machine}.", "",
              f"| run | global batch | {metric} (clean) | {ADVERSARIAL_METRIC[metric]} (under attack) | optimizer steps "
              "| wall time (s) |", "|---|---:|---:|---:|---:|---:|"]
@@ -81,13 +87,16 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=float, help="epoch budget (default: the task's)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--quick", action="store_true", help="CI smoke test: the task's data subset")
-    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (default: torch's)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every run trains")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (their wall times then compete)")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (default: 1 with --jobs > 1, else "
+                                               "torch's)")
     p.add_argument("--fresh", action="store_true",
                    help="start every run anew (default: a rerun skips finished runs and resumes unfinished ones)")
-    opts = p.parse_args(argv)
+    opts, recipe_args = p.parse_known_args(argv)  # the rest goes to every run's recipe, as scaling.py's
     if opts.quick:
         opts.epochs = opts.epochs or 1
-    run_all(opts)
+    run_all(opts, recipe_args)
     return 0
 
 

@@ -56,6 +56,11 @@ TASKS = {
         "logging_steps": 50,
         "metric": "eval_accuracy", "higher_is_better": True,
         "quick": ["--max_train_samples", "512", "--max_eval_samples", "256"],
+        # as the image task's: AutoWU searches up to LAMB's LR 1.0 (its trust ratio scales each layer's step to
+        # the layer's norm), a vote every 5 steps (a 32x run has 12 optimizer steps per epoch)
+        "autowu": {"lamb": ["--learning_rate", "1.0", "--optim_args", ""],
+                   "lars": ["--learning_rate", "20.0", "--optim_args", "momentum=0.9"],
+                   "autowu_args": "vote_every=5"},
     },
     "lstm": {
         # the first LSTM table's task (BENCHMARKS.md): the tiny LSTM on a PTB subset, stateless 35-token chunks
@@ -106,6 +111,12 @@ TASKS = {
 }
 
 
+# Johnson et al.'s AdaScale CIFAR-10 model (ResNet-18, CIFAR stem) on the cifar10 task's recipe: it reaches the
+# published accuracy in 30 epochs, a budget ResNet-20 falls short in
+TASKS["cifar10_resnet18"] = {**TASKS["cifar10"], "epochs": 30, "args": [
+    "cifar_resnet18" if arg == "resnet20" else arg for arg in TASKS["cifar10"]["args"]]}
+
+
 def run_configs(multiples, methods):
     """(label, multiple, method): the base run first, then each multiple with each method."""
     configs = [("base", 1, "base")] if 1 in multiples else []
@@ -146,6 +157,12 @@ def recipe_command(task: dict, multiple: int, method: str, epochs: float, out_di
     return cmd + extra
 
 
+def same_run(a: list[str], b: list[str]) -> bool:
+    """Two recipe commands train the same run: the same script and arguments (the interpreter's path is not part
+    of the run: a GPU machine's Python is elsewhere, and a table is built where the runs' folders are copied)."""
+    return a[1:] == b[1:]
+
+
 def run_one(cmd: list[str], log_path: Path, threads: int | None = None, heartbeat=None) -> float:
     """Run a recipe process to its end, its output to ``log_path`` (appended); its wall time. ``heartbeat(wall)``
     is called every ``HEARTBEAT_S`` while it runs. A failed run raises with the log's tail."""
@@ -172,14 +189,26 @@ def run_one(cmd: list[str], log_path: Path, threads: int | None = None, heartbea
 HEARTBEAT_S = 30.0
 
 
+def run_each(work, items: list, jobs: int) -> list:
+    """``work(item)`` for every item, ``jobs`` at once, the results in order. A failed run stops none of the others
+    (their hours are not lost to it); the failures are raised together once all have ended."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(work, item) for item in items]
+    failures = [future.exception() for future in futures if future.exception() is not None]
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(items)} runs failed:\n" + "\n".join(map(str, failures)))
+    return [future.result() for future in futures]
+
+
 class Sittings:
     """The wall time a run took over the sittings it needed (a killed benchmark resumes it from its checkpoint):
     ``sittings.json`` in its folder holds one entry per sitting, written when it starts and rewritten every
     ``HEARTBEAT_S`` while it runs, so a kill loses at most that much of the record. The total includes the work a
     resume repeats (the machine spent it)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, machine: str = ""):
         self.path = run_dir / "sittings.json"
+        self.machine = machine
         self.done = json.loads(self.path.read_text()) if self.path.is_file() else []
 
     def run(self, cmd: list[str], log_path: Path, threads: int | None) -> None:
@@ -188,16 +217,24 @@ class Sittings:
         self._record(wall, finished=True)
 
     def _record(self, wall: float, finished: bool) -> None:
-        entry = {"wall_s": wall, "finished": finished, "machine": machine_name()}
+        entry = {"wall_s": wall, "finished": finished, "machine": self.machine}
         self.path.write_text(json.dumps([*self.done, entry], indent=1))
 
     @property
     def total_s(self) -> float:
         return sum(entry["wall_s"] for entry in json.loads(self.path.read_text()))
 
+    @property
+    def machines(self) -> list[str]:
+        return [entry["machine"] for entry in json.loads(self.path.read_text())]
 
-def machine_name() -> str:
-    """The CPU model (or the GPU) the runs train on."""
+
+def machine_name(device: str = "cpu") -> str:
+    """The CPU model the runs train on, and the GPU where they train on one."""
+    if device == "cuda":
+        import torch
+
+        return f"{torch.cuda.get_device_name()} (host CPU: {machine_name()})"
     try:
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
@@ -206,20 +243,28 @@ def machine_name() -> str:
     return model or platform.processor() or platform.machine()
 
 
-def run_resumably(run_dir: Path, cmd: list[str], label: str, threads: int | None, fresh: bool) -> float:
+def run_resumably(run_dir: Path, cmd: list[str], label: str, threads: int | None, fresh: bool,
+                  machine: str = "") -> float:
     """Run ``cmd`` in ``run_dir`` to its end: skipped if it finished, continued from its newest complete checkpoint
-    if it started (``refuse_other_commands_runs`` has checked the folder first); its wall time over all sittings."""
+    if it started (``refuse_other_commands_runs`` has checked the folder first); its wall time over all sittings,
+    each recorded with ``machine``."""
     started = run_dir / "command.json"
-    if fresh or (started.is_file() and json.loads(started.read_text()) != cmd):
+    if fresh or (started.is_file() and not same_run(json.loads(started.read_text()), cmd)):
         shutil.rmtree(run_dir, ignore_errors=True)  # --fresh, or another command's run that had not begun
     run_dir.mkdir(parents=True, exist_ok=True)
     started.write_text(json.dumps(cmd))
-    sittings = Sittings(run_dir)
-    if not (sittings.done and sittings.done[-1]["finished"] and (run_dir / "summary.json").is_file()):
+    sittings = Sittings(run_dir, machine)
+    if not finished(run_dir):
         resume = resume_flags(run_dir)
         print(f"[{label}] {' '.join(cmd + resume)}", flush=True)
         sittings.run(cmd + resume, run_dir / "log.txt", threads)
     return sittings.total_s
+
+
+def finished(run_dir: Path) -> bool:
+    """The run in ``run_dir`` ended: its summary is written and its last sitting ended."""
+    sittings = Sittings(run_dir).done
+    return bool(sittings) and sittings[-1]["finished"] and (run_dir / "summary.json").is_file()
 
 
 def refuse_other_commands_runs(runs: list[tuple[Path, list[str]]]) -> None:
@@ -227,7 +272,7 @@ def refuse_other_commands_runs(runs: list[tuple[Path, list[str]]]) -> None:
     anything runs: resuming it with this command would mix two runs, and replacing it would lose hours."""
     for run_dir, cmd in runs:
         started = run_dir / "command.json"
-        if not started.is_file() or json.loads(started.read_text()) == cmd:
+        if not started.is_file() or same_run(json.loads(started.read_text()), cmd):
             continue
         if (run_dir / "summary.json").is_file() or any(run_dir.glob("checkpoint-*")):
             old, new = flag_values(json.loads(started.read_text())), flag_values(cmd)
@@ -258,6 +303,20 @@ def resume_flags(run_dir: Path) -> list[str]:
 
     folder, _ = newest_complete_checkpoint(str(run_dir))
     return [] if folder is None else ["--resume_from_checkpoint", folder]
+
+
+def added_rows(paths: list[str], task: str, epochs: float, labels: set[str]) -> list[dict]:
+    """The rows of earlier ``results.json`` files that this table lacks, each with the machine it ran on; a file of
+    another task or epoch budget is refused (its runs would not be comparable)."""
+    rows = []
+    for path in paths:
+        results = json.loads(Path(path).read_text())
+        if results["task"] != task or results["epochs"] != epochs:
+            raise SystemExit(f"{path} holds {results['task']} runs of {results['epochs']:g} epochs, not {task} of "
+                             f"{epochs:g}: its rows would not be comparable")
+        rows += [{"machines": [results["machine"]], **row} for row in results["runs"]
+                 if row["run"] not in labels | {r["run"] for r in rows}]
+    return rows
 
 
 def summarise(label, multiple, method, summary: dict, wall: float, metric: str, repeat: int,
@@ -428,6 +487,12 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true",
                    help="start every run anew (default: a rerun of the same command skips finished runs and "
                         "resumes unfinished ones from their newest complete checkpoint)")
+    p.add_argument("--table_only", action="store_true",
+                   help="run nothing: the table and plots of the runs in --out that finished (with this command), "
+                        "e.g. copied back from the GPU machine they ran on; the others are named as unfinished")
+    p.add_argument("--add_results", nargs="+", default=[], metavar="RESULTS_JSON",
+                   help="rows of another sitting's results.json (same task and epochs; e.g. the base run on the CPU "
+                        "beside large-batch runs on a GPU) join the table where this command has no run of theirs")
     opts, extra = p.parse_known_args(argv)
     task = TASKS[opts.task]
     epochs = opts.epochs or task["epochs"]
@@ -436,14 +501,9 @@ def main(argv=None) -> int:
     out = Path(opts.out or REPO / "benchmarks" / "results" / opts.task)
     out.mkdir(parents=True, exist_ok=True)
     threads = opts.threads or (1 if opts.jobs > 1 else None)
-    machine = (f"{machine_name()}, {os.cpu_count()} CPU cores, torch threads per run "
-               f"{threads or os.environ.get('OMP_NUM_THREADS', 'default')}")
-    if opts.device == "cuda":
-        import torch
-
-        machine += f", {torch.cuda.get_device_name()}"
-    if opts.jobs > 1:
-        machine += f", {opts.jobs} runs at once"
+    setting = (f"{os.cpu_count()} CPU cores, torch threads per run "
+               f"{threads or os.environ.get('OMP_NUM_THREADS', 'default')}"
+               + (f", {opts.jobs} runs at once" if opts.jobs > 1 else ""))
 
     plan = [(label, multiple, method, repeat) for repeat in range(opts.repeats)
             for label, multiple, method in run_configs(opts.multiples, opts.methods)
@@ -456,18 +516,31 @@ def main(argv=None) -> int:
     if not opts.fresh:  # before any run starts: a run of another command is never overwritten unasked
         refuse_other_commands_runs([folder_and_command(*config) for config in plan])
 
-    def execute(label, multiple, method, repeat) -> dict:
+    def execute(label, multiple, method, repeat) -> dict | None:
         run_dir, cmd = folder_and_command(label, multiple, method, repeat)
-        wall = run_resumably(run_dir, cmd, label, threads, opts.fresh)
+        if opts.table_only:
+            if not finished(run_dir):
+                print(f"[{label}] unfinished: not in the table", flush=True)
+                return None
+            wall = Sittings(run_dir).total_s
+        else:
+            wall = run_resumably(run_dir, cmd, label, threads, opts.fresh, machine_name(opts.device))
         summary = json.loads((run_dir / "summary.json").read_text())
         row = summarise(label, multiple, method, summary, wall, task["metric"], repeat, task.get("extra_metrics", ()))
+        row["machines"] = sorted(set(Sittings(run_dir).machines))
         print(f"[{label}] {task['metric']}={row['metric']:.4g} steps={row['optimizer_steps']} wall={wall:.0f}s",
               flush=True)
         return row
 
     # Several runs at once only where the machine has room for them (a GPU box); their wall times then compete.
-    with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
-        rows = list(pool.map(lambda config: execute(*config), plan))
+    rows = [row for row in run_each(lambda config: execute(*config), plan, opts.jobs) if row is not None]
+    # where the runs trained, as their sittings recorded it
+    rows = added_rows(opts.add_results, opts.task, epochs, {row["run"] for row in rows}) + rows
+    if not rows:
+        raise SystemExit(f"no run in {out} has finished")
+    machine = "; ".join(sorted({m for row in rows for m in row["machines"]}))
+    if not opts.table_only:
+        machine += f", {setting}"
 
     (out / "results.json").write_text(json.dumps({"task": opts.task, "epochs": epochs, "machine": machine,
                                                   "command": " ".join(sys.argv), "runs": rows}, indent=1))

@@ -4,10 +4,10 @@
 Data: ``--dataset fashion_mnist`` (default) or ``cifar10`` from ``$HF_LARGEBATCH_DATA`` (offline; see
 ``hf_largebatch/data/images.py``), or any ``datasets`` image dataset by hub name or local path (a
 ``save_to_disk`` folder, an image folder...). Model: a fresh ResNet from ``--preset`` (HF ResNets
-``cifar_small`` default, ``tiny``, ``resnet18``; He et al.'s CIFAR ResNets ``resnet20``, ``resnet56``) with any
-of ``--depths/--hidden_sizes/--embedding_size/--layer_type`` overriding the preset, or ``--model_name_or_path
-DIR`` to fine-tune a checkpoint (a different number of labels re-initialises the classifier; a 3-channel
-checkpoint gets grayscale images repeated to RGB).
+``cifar_small`` default, ``tiny``, ``resnet18``; He et al.'s CIFAR ResNets ``resnet20``, ``resnet56``, and
+``cifar_resnet18``) with any of ``--depths/--hidden_sizes/--embedding_size/--layer_type`` overriding the preset, or
+``--model_name_or_path DIR`` to fine-tune a checkpoint (a different number of labels re-initialises the classifier;
+a 3-channel checkpoint gets grayscale images repeated to RGB).
 
     python recipes/image_classification.py --dataset cifar10 --output_dir runs/c10 --use_cpu \\
         --per_device_train_batch_size 512 --learning_rate 0.1 --base_batch_size 128 --lr_scaling legw \\
@@ -52,8 +52,11 @@ from hf_largebatch.models import CifarResNetConfig, CifarResNetForImageClassific
 #
 # resnet20 / resnet56 are He et al.'s CIFAR ResNets (hf_largebatch.models.cifar_resnet: a 3x3 stem at full
 # resolution, option-A shortcuts; 0.27M / 0.85M parameters), the preset that reaches CIFAR-10's published accuracy.
+# cifar_resnet18 is the ResNet-18 of CIFAR work (AdaScale's CIFAR-10 model): the same 3x3 stem, four stages of two
+# basic blocks at 64-128-256-512 channels (11M parameters; option-A shortcuts here too).
 CIFAR_RESNETS = {"resnet20": {"depths": [3, 3, 3], "hidden_sizes": [16, 32, 64]},
-                 "resnet56": {"depths": [9, 9, 9], "hidden_sizes": [16, 32, 64]}}
+                 "resnet56": {"depths": [9, 9, 9], "hidden_sizes": [16, 32, 64]},
+                 "cifar_resnet18": {"depths": [2, 2, 2, 2], "hidden_sizes": [64, 128, 256, 512]}}
 PRESETS = {
     "tiny": {"depths": [1, 1], "hidden_sizes": [16, 32], "embedding_size": 16, "layer_type": "basic"},
     "cifar_small": {"depths": [2, 2, 2], "hidden_sizes": [16, 32, 64], "embedding_size": 16,
@@ -84,7 +87,7 @@ class ModelArguments:
         default=None, metadata={"help": "A checkpoint folder (or hub name) to fine-tune instead of a fresh model."})
     preset: str = field(default="cifar_small", metadata={
         "help": "Fresh model: HF ResNets (tiny, cifar_small, resnet18) or He et al.'s CIFAR ResNets (resnet20, "
-                "resnet56).", "choices": [*PRESETS, *CIFAR_RESNETS]})
+                "resnet56, cifar_resnet18).", "choices": [*PRESETS, *CIFAR_RESNETS]})
     depths: list[int] | None = field(default=None, metadata={"help": "Blocks per stage (overrides the preset)."})
     hidden_sizes: list[int] | None = field(default=None, metadata={"help": "Channels per stage (overrides)."})
     embedding_size: int | None = field(default=None, metadata={"help": "Stem channels (overrides the preset)."})

@@ -73,7 +73,7 @@ def test_scaling_quick_autowu(tmp_path):
 
 def test_adversarial_quick(tmp_path):
     command = ["benchmarks/adversarial.py", "--task", "image", "--quick", "--multiple", "2", "--attack",
-               "pixel_epsilon=0.1"]
+               "pixel_epsilon=0.1", "--jobs", "3"]
     run(command, tmp_path)
     rows = {r["mode"]: r for r in json.loads((tmp_path / "results.json").read_text())}
     assert set(rows) == {"none", "sequential", "conadv"}
@@ -148,6 +148,44 @@ def test_scaling_resumes_a_killed_run_from_its_checkpoint_and_skips_finished_one
     run([*command[1:]], straight)
     metric = [json.loads((folder / "results.json").read_text())["runs"][0]["metric"] for folder in (out, straight)]
     assert metric[0] == metric[1]
+
+    # the table of the runs that finished, built where their folders were copied (another interpreter), running
+    # nothing; a run that has not finished is named
+    started = straight / "runs" / "base_r0" / "command.json"
+    started.write_text(json.dumps(["/elsewhere/bin/python3", *json.loads(started.read_text())[1:]]))
+    (straight / "results.json").unlink()
+    table = run([*command[1:], "--runs", "base", "2x sqrt", "--table_only"], straight)
+    assert "recipes/" not in table.stdout and "[2x sqrt] unfinished" in table.stdout
+    rows = json.loads((straight / "results.json").read_text())["runs"]
+    assert [r["run"] for r in rows] == ["base"] and rows[0]["metric"] == metric[1]
+    # another sitting's rows join a table that lacks them; those of another epoch budget are refused
+    joined = tmp_path / "joined"
+    run([*command[1:], "--runs", "2x sqrt", "--table_only", "--add_results", str(straight / "results.json")], joined)
+    assert [r["run"] for r in json.loads((joined / "results.json").read_text())["runs"]] == ["base"]
+    refused = subprocess.run([sys.executable, *command[1:], "--epochs", "2", "--runs", "2x sqrt", "--table_only",
+                              "--add_results", str(straight / "results.json"), "--out", str(joined)], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "would not be comparable" in refused.stderr
+
+
+def test_one_failed_run_stops_none_of_the_others():
+    """Runs at once (``--jobs``): the runs queued behind a failed one still run, and the failure is raised at the
+    end with its message."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import scaling
+
+    done = []
+
+    def work(i):
+        if i == 0:
+            raise ValueError("run 0 broke")
+        done.append(i)
+        return i
+
+    with pytest.raises(RuntimeError, match="1 of 4 runs failed:\nrun 0 broke"):
+        scaling.run_each(work, [0, 1, 2, 3], jobs=2)
+    assert sorted(done) == [1, 2, 3]
+    assert scaling.run_each(work, [3, 1, 2], jobs=2) == [3, 1, 2]
 
 
 def test_scaling_table_gives_adascales_step_efficiency():

@@ -379,3 +379,17 @@ def test_recipe_trains_the_cifar_resnet20_and_reloads_it(tmp_path, one_thread):
     assert again["metrics"]["eval_loss"] == pytest.approx(summary["metrics"]["eval_loss"], rel=1e-6)
     with pytest.raises(ValueError, match="--embedding_size is not a setting of the CIFAR ResNets"):
         recipe.build_model(recipe.ModelArguments(preset="resnet20", embedding_size=32), 3, [str(i) for i in range(10)])
+
+
+def test_cifar_resnet18_preset_is_resnet18_with_a_cifar_stem():
+    """The preset of AdaScale's CIFAR-10 model: 3x3 stem at full resolution, four stages of two basic blocks at
+    64-128-256-512 channels, each later stage halving the resolution (32 -> 4), option-A shortcuts (no weights)."""
+    recipe = load_recipe_module()
+    model = recipe.build_model(recipe.ModelArguments(preset="cifar_resnet18"), 3, [str(i) for i in range(10)])
+    convs = 3 * 64 * 9 + 4 * 64 * 64 * 9  # stem, stage 1
+    for width in (128, 256, 512):  # a stride-2 block from width / 2, then three convs at width
+        convs += (width // 2) * width * 9 + 3 * width * width * 9
+    batch_norms = 2 * (64 + 4 * (64 + 128 + 256 + 512))
+    assert sum(p.numel() for p in model.parameters()) == convs + batch_norms + 512 * 10 + 10
+    features = model.blocks(model.stem(torch.zeros(2, 3, 32, 32)))
+    assert features.shape == (2, 512, 4, 4)

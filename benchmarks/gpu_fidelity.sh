@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The fidelity tables' runs (issue: recipes at published quality, scaling grids) on one GPU machine, all at once,
+# within BUDGET_S seconds (default 500); whatever finished comes back in $OUT/results.tgz (each run's summary,
+# sittings, command, log and newest trainer_state, each benchmark's log; no weights), to be tabled with
+# `scaling.py ... --table_only`.
+#
+# Prepare once, in the repo root (the machine sees only the checkout, and its transformers predates our range):
+#   echo /.gpu/ >> .git/info/exclude; mkdir -p .gpu/data && cp -r ../shared/data/{ptb,multi30k,cifar10-jpeg} .gpu/data/
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .gpu/whl transformers==5.24.0 accelerate==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
+#       pytorch_optimizer==4.1.0
+# then run it with `.gpu` carried: `bash benchmarks/gpu_fidelity.sh`. SMOKE=1 DEVICE=cpu checks every command here
+# on a few examples (a CPU run of the same commands, one after another, with data limits appended); a finished run
+# is skipped when the script runs again (scaling.py's resume).
+set -uo pipefail
+out=${OUT:-benchmarks/results/gpu_fidelity}
+results=${RESULTS:-benchmarks/results}
+device=${DEVICE:-cuda}
+budget=${BUDGET_S:-500}
+logs=$results/logs
+mkdir -p "$out" "$logs"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 HF_LARGEBATCH_DATA=${HF_LARGEBATCH_DATA:-.gpu/data}
+if [ "$device" = cuda ] && ls .gpu/whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl \
+        && export PYTHONPATH=/tmp/site:.
+fi
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} > "$out/machine.txt" 2>&1
+
+common=(--device "$device" --threads 1)
+limits() {  # SMOKE: a few examples of each task, one epoch
+    [ -n "${SMOKE:-}" ] && echo "--epochs 1 --max_train_samples $1 --max_eval_samples $2 ${3:-}"
+}
+at_once() {  # runs at once within one benchmark (SMOKE: one, the CPU's memory holds no more)
+    if [ -n "${SMOKE:-}" ]; then echo 1; else echo "$1"; fi
+}
+start=$SECONDS
+launch() {  # name, command...: in the background (one after another for SMOKE), its output to $logs/name.log;
+    local name=$1; shift  # ONLY (a regular expression) launches only the benchmarks it matches
+    [[ -n "${ONLY:-}" && ! "$name" =~ $ONLY ]] && return
+    if [ -n "${SMOKE:-}" ]; then "$@" > "$logs/$name.log" 2>&1; else "$@" > "$logs/$name.log" 2>&1 & fi
+}
+# the long poles first
+launch cifar10_resnet18 python3 benchmarks/scaling.py --task cifar10_resnet18 --multiples 1 16 \
+    --methods linear legw adascale "${common[@]}" --jobs "$(at_once 4)" --out "$results/cifar10_resnet18" \
+    $(limits 4096 256)
+launch ptb python3 benchmarks/scaling.py --task ptb --multiples 16 64 --methods adascale "${common[@]}" \
+    --jobs "$(at_once 2)" --out "$results/lstm" $(limits 2000 200)
+launch cifar10 python3 benchmarks/scaling.py --task cifar10 --epochs 30 --multiples 16 32 \
+    --methods linear legw adascale autowu_lamb --runs "16x linear" "16x legw" "16x adascale" "32x linear" \
+    "32x legw" "32x adascale" "32x autowu_lamb" "${common[@]}" --jobs "$(at_once 7)" --out "$results/cifar10" \
+    $(limits 4096 256)
+launch multi30k python3 benchmarks/scaling.py --task multi30k --multiples 8 16 --methods linear legw adascale \
+    "${common[@]}" --jobs "$(at_once 6)" --out "$results/multi30k" --per_device_eval_batch_size 256 \
+    $(limits 4096 64 "--max_predict_samples 64")
+launch cifar10_adversarial python3 benchmarks/adversarial.py --task cifar10 --epochs 30 --multiple 16 \
+    --method linear --attack pixel_epsilon=0.008 "${common[@]}" --jobs "$(at_once 3)" \
+    --out "$results/cifar10_adversarial" $(limits 4096 256)
+for ratio in 1.0 0.1; do
+    launch "cifar10_extrap_r$ratio" python3 benchmarks/scaling.py --task cifar10 --epochs 30 --multiples 16 \
+        --methods linear --runs "16x linear" "${common[@]}" --out "$results/cifar10_extrap_r$ratio" \
+        --extrapolation fresh --extrapolation_ratio "$ratio" $(limits 4096 256)
+done
+# the CUDA-marked tests beside them (fp16 GradScaler statistics, ConAdv's side stream)
+[ "$device" = cuda ] && launch gpu_tests timeout 200 python3 -m pytest -m gpu -q -rs -p no:cacheprovider \
+    tests/test_conadv.py tests/test_stats.py
+
+while [ -n "$(jobs -r)" ] && [ $((SECONDS - start)) -lt "$budget" ]; do sleep 5; done
+echo "stopped after $((SECONDS - start)) s; still running: $(jobs -r | wc -l)" | tee -a "$out/machine.txt"
+nvidia-smi >> "$out/machine.txt" 2>&1
+cp "$out/machine.txt" "$logs/"
+grep -h -E "^\[.*\] eval_|passed|failed|Error" "$logs"/*.log  # each finished run's line, the tests' outcome
+# what each run left: no weights, only the record (a checkpoint's trainer_state holds its evaluations so far)
+(cd "$results" && find . \( -name summary.json -o -name sittings.json -o -name command.json -o -name log.txt \
+    -o -name trainer_state.json -o -name results.json -o -name table.md -o -name '*.png' -o -name '*.log' \
+    -o -name machine.txt \) -print0 \
+    | tar --null -czf - -T - ) > "$out/results.tgz"
+ls -la "$out"
