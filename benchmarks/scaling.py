@@ -328,6 +328,7 @@ def summarise(label, multiple, method, summary: dict, wall: float, metric: str, 
         "metric": summary["metrics"][metric], "optimizer_steps": summary["optimizer_steps"],
         "extra_metrics": {name: summary["metrics"].get(name) for name in extra_metrics},
         "examples_seen": summary["examples_seen"], "wall_s": wall,
+        "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"),  # what a GPU sitting must fit (None off CUDA)
         "eval_curve": [(h["step"], h[metric]) for h in evals],
         "lr_curve": [(h["step"], h["learning_rate"]) for h in summary["log_history"] if "learning_rate" in h],
         "loss_curve": [(h["step"], h["loss"]) for h in summary["log_history"] if "loss" in h],

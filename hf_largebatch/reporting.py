@@ -108,6 +108,9 @@ def write_summary(trainer, metrics: dict, path: str, **extra) -> dict:
         "epochs": trainer.state.epoch,
         "metrics": metrics,
         "run_summary": trainer.run_summary,  # what was decided at start (run_summary.py)
+        # the most this rank's GPU held for the run (None off CUDA): what runs sharing one GPU must fit in
+        "peak_gpu_memory_gib": (torch.cuda.max_memory_reserved(args.device) / 2 ** 30
+                                if args.device.type == "cuda" else None),
         **extra,
         "log_history": trainer.state.log_history,
     }

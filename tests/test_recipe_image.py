@@ -372,6 +372,7 @@ def test_recipe_trains_the_cifar_resnet20_and_reloads_it(tmp_path, one_thread):
                            "--per_device_train_batch_size", "64", "--max_steps", "3", "--report_to", "none"])
     assert summary["model"]["model_type"] == "cifar_resnet" and summary["model"]["depths"] == [3, 3, 3]
     assert summary["model"]["num_parameters"] == 269_722 and summary["optimizer_steps"] == 3
+    assert summary["peak_gpu_memory_gib"] is None  # on the CPU; on CUDA the most the run's GPU held
     # the saved model comes back through the recipe's --model_name_or_path (Auto classes) with the same eval loss
     again = recipe.main(["--dataset", "cifar10", "--model_name_or_path", str(out), "--use_cpu", "--do_train",
                          "False", "--output_dir", str(tmp_path / "eval"), "--max_eval_samples", "200",
