@@ -50,7 +50,9 @@ launch() {  # name, command...: in the background (one after another for SMOKE),
     [[ -n "${ONLY:-}" && ! "$name" =~ $ONLY ]] && return
     if [ -n "${SMOKE:-}" ]; then "$@" > "$logs/$name.log" 2>&1; else "$@" > "$logs/$name.log" 2>&1 & fi
 }
-# the long poles first
+# The bases of the ResNet-20, PTB and Multi30k grids ran on the CPU (their results.json joins the tables through
+# --add_results); ConAdv's radius is 2/255 of a pixel (0.008), a perturbation for generalisation, not robustness.
+# The long poles first.
 launch cifar10_resnet18 python3 benchmarks/scaling.py --task cifar10_resnet18 --multiples 1 16 \
     --methods linear legw adascale "${common[@]}" --jobs "$(at_once 4)" --out "$results/cifar10_resnet18" \
     $(limits 4096 256)
