@@ -55,7 +55,7 @@ def run_all(opts, recipe_args: list[str] = ()) -> list[dict]:
                 "metric": summary["metrics"][metric],
                 "adversarial_metric": summary["metrics"][ADVERSARIAL_METRIC[metric]],
                 "optimizer_steps": summary["optimizer_steps"], "wall_s": wall, "command": cmd,
-                "machines": sorted(set(scaling.Sittings(run_dir).machines))}
+                "machines": scaling.Sittings(run_dir).machines}
 
     rows = scaling.run_each(lambda run: execute(*run), runs, opts.jobs)  # --jobs: a GPU machine has room
     (out / "results.json").write_text(json.dumps(rows, indent=1))

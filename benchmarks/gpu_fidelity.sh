@@ -6,8 +6,8 @@
 #
 # All of it does not fit one call (measured on an H200, 16 host cores): launched together, the 24 runs needed more
 # than the GPU's 140 GB (three processes held 55, 28 and 28 GB; which runs they were was not recorded: summaries now
-# give each run's peak_gpu_memory_gib) and 16 of them failed for memory; 11 ResNet-20 runs alone made 9 of their 30
-# epochs in 250 s. Run it in parts, one call each, with ONLY naming the benchmarks: 'multi30k' (4 of its 6 runs
+# give each run's peak_gpu_memory_gib) and 16 of them failed for memory; 11 ResNet-20 runs alone made at most 9 of
+# their 30 epochs in 250 s. Run it in parts, one call each, with ONLY naming the benchmarks: 'multi30k' (4 of its 6 runs
 # finished within 340 s beside the others, 2 failed for memory), 'ptb', 'cifar10_resnet18', '^cifar10$',
 # 'adversarial|extrap'.
 #

@@ -226,7 +226,8 @@ class Sittings:
 
     @property
     def machines(self) -> list[str]:
-        return [entry["machine"] for entry in json.loads(self.path.read_text())]
+        """The machines the run's sittings ran on, each once."""
+        return sorted({entry["machine"] for entry in json.loads(self.path.read_text())})
 
 
 def machine_name(device: str = "cpu") -> str:
@@ -244,7 +245,7 @@ def machine_name(device: str = "cpu") -> str:
 
 
 def run_resumably(run_dir: Path, cmd: list[str], label: str, threads: int | None, fresh: bool,
-                  machine: str = "") -> float:
+                  machine: str) -> float:
     """Run ``cmd`` in ``run_dir`` to its end: skipped if it finished, continued from its newest complete checkpoint
     if it started (``refuse_other_commands_runs`` has checked the folder first); its wall time over all sittings,
     each recorded with ``machine``."""
@@ -528,14 +529,13 @@ def main(argv=None) -> int:
             wall = run_resumably(run_dir, cmd, label, threads, opts.fresh, machine_name(opts.device))
         summary = json.loads((run_dir / "summary.json").read_text())
         row = summarise(label, multiple, method, summary, wall, task["metric"], repeat, task.get("extra_metrics", ()))
-        row["machines"] = sorted(set(Sittings(run_dir).machines))
+        row["machines"] = Sittings(run_dir).machines  # where it trained, as its sittings recorded it
         print(f"[{label}] {task['metric']}={row['metric']:.4g} steps={row['optimizer_steps']} wall={wall:.0f}s",
               flush=True)
         return row
 
     # Several runs at once only where the machine has room for them (a GPU box); their wall times then compete.
     rows = [row for row in run_each(lambda config: execute(*config), plan, opts.jobs) if row is not None]
-    # where the runs trained, as their sittings recorded it
     rows = added_rows(opts.add_results, opts.task, epochs, {row["run"] for row in rows}) + rows
     if not rows:
         raise SystemExit(f"no run in {out} has finished")
