@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# The fidelity tables' runs (issue: recipes at published quality, scaling grids) on one GPU machine, at once,
-# within BUDGET_S seconds (default 500); whatever finished comes back in $OUT/results.tgz (each run's summary,
+# The fidelity tables' runs still missing (issue: recipes at published quality, scaling grids) on one GPU machine,
+# at once, for BUDGET_S seconds (default 500); whatever finished comes back in $OUT/results.tgz (each run's summary,
 # sittings, command, log and newest trainer_state, each benchmark's log; no weights), to be tabled with
 # `scaling.py ... --table_only`.
 #
-# All of it does not fit one call (measured on an H200, 16 host cores): launched together, the 24 runs needed more
-# than the GPU's 140 GB (three processes held 55, 28 and 28 GB; which runs they were was not recorded: summaries now
-# give each run's peak_gpu_memory_gib) and 16 of them failed for memory; 11 ResNet-20 runs alone made at most 9 of
-# their 30 epochs in 250 s. Run it in parts, one call each, with ONLY naming the benchmarks: 'multi30k' (4 of its 6 runs
-# finished within 340 s beside the others, 2 failed for memory), 'ptb', 'cifar10_resnet18', '^cifar10$',
-# 'adversarial|extrap'.
+# The runs start in sessions of their own, so they outlive the call that launched them (the machine ends a call's
+# own processes when it returns): a next call within the machine's warm time, `LAUNCH=0 BUDGET_S=... bash
+# benchmarks/gpu_fidelity.sh`, launches nothing, waits for them and collects again, so no run restarts an epoch.
+#
+# Measured on an H200 (16 host cores): launched together, 24 runs needed more than the GPU's 140 GB (three processes
+# held 55, 28 and 28 GB: not recorded which, likely by the sizes the Multi30k runs of 2,048 and 1,024 sentences a
+# micro-batch; summaries now give each run's peak_gpu_memory_gib) and 16 of them failed for memory; 11 ResNet-20 runs
+# alone made at most 9 of their 30 epochs in 250 s. Hence at most CIFAR10_JOBS (default 4) grid runs at once, and ONLY
+# (a regular expression over the benchmark names: cifar10_resnet18, ptb, cifar10, multi30k, cifar10_adversarial,
+# cifar10_extrap_r1.0, cifar10_extrap_r0.1, gpu_tests) to run a part.
 #
 # Prepare once, in the repo root (the machine sees only the checkout, and its transformers predates our range):
 #   echo /.gpu/ >> .git/info/exclude; mkdir -p .gpu/data && cp -r ../shared/data/{ptb,multi30k,cifar10-jpeg} .gpu/data/
@@ -45,25 +49,30 @@ at_once() {  # runs at once within one benchmark (SMOKE: one, the CPU's memory h
     if [ -n "${SMOKE:-}" ]; then echo 1; else echo "$1"; fi
 }
 start=$SECONDS
-launch() {  # name, command...: in the background (one after another for SMOKE), its output to $logs/name.log;
+pids=$results/pids  # the runs launched, each in its own session: they outlive the call that launched them (the
+# machine kills a call's own processes when it returns), so the next call (LAUNCH=0) waits for them and collects
+launch() {  # name, command...: its output to $logs/name.log (SMOKE: in the foreground, one after another);
     local name=$1; shift  # ONLY (a regular expression) launches only the benchmarks it matches
-    [[ -n "${ONLY:-}" && ! "$name" =~ $ONLY ]] && return
-    if [ -n "${SMOKE:-}" ]; then "$@" > "$logs/$name.log" 2>&1; else "$@" > "$logs/$name.log" 2>&1 & fi
+    [[ "${LAUNCH:-1}" = 0 || ( -n "${ONLY:-}" && ! "$name" =~ $ONLY ) ]] && return
+    if [ -n "${SMOKE:-}" ]; then "$@" > "$logs/$name.log" 2>&1
+    else setsid "$@" > "$logs/$name.log" 2>&1 < /dev/null & echo $! >> "$pids"; fi
 }
+running() { local n=0 pid; for pid in $(cat "$pids" 2>/dev/null); do kill -0 "$pid" 2>/dev/null && n=$((n + 1)); done
+    echo $n; }
 # The bases of the ResNet-20, PTB and Multi30k grids ran on the CPU (their results.json joins the tables through
 # --add_results); ConAdv's radius is 2/255 of a pixel (0.008), a perturbation for generalisation, not robustness.
 # The long poles first.
-launch cifar10_resnet18 python3 benchmarks/scaling.py --task cifar10_resnet18 --multiples 1 16 \
-    --methods linear legw adascale "${common[@]}" --jobs "$(at_once 4)" --out "$results/cifar10_resnet18" \
-    $(limits 4096 256)
+launch cifar10_resnet18 python3 benchmarks/scaling.py --task cifar10_resnet18 --multiples 1 "${common[@]}" \
+    --out "$results/cifar10_resnet18" $(limits 4096 256)
 launch ptb python3 benchmarks/scaling.py --task ptb --multiples 16 64 --methods adascale "${common[@]}" \
     --jobs "$(at_once 2)" --out "$results/lstm" $(limits 2000 200)
 launch cifar10 python3 benchmarks/scaling.py --task cifar10 --epochs 30 --multiples 16 32 \
-    --methods linear legw adascale autowu_lamb --runs "16x linear" "16x legw" "16x adascale" "32x linear" \
-    "32x legw" "32x adascale" "32x autowu_lamb" "${common[@]}" --jobs "$(at_once 7)" --out "$results/cifar10" \
-    $(limits 4096 256)
+    --methods adascale linear legw autowu_lamb --runs "16x adascale" "16x linear" "16x legw" "32x adascale" \
+    "32x linear" "32x legw" "32x autowu_lamb" "${common[@]}" --jobs "$(at_once "${CIFAR10_JOBS:-4}")" \
+    --out "$results/cifar10" $(limits 4096 256)
 launch multi30k python3 benchmarks/scaling.py --task multi30k --multiples 8 16 --methods linear legw adascale \
-    "${common[@]}" --jobs "$(at_once 6)" --out "$results/multi30k" --per_device_eval_batch_size 256 \
+    --runs "8x linear" "16x legw" "${common[@]}" --jobs "$(at_once 2)" --out "$results/multi30k" \
+    --per_device_eval_batch_size 256 \
     $(limits 4096 64 "--max_predict_samples 64")
 launch cifar10_adversarial python3 benchmarks/adversarial.py --task cifar10 --epochs 30 --multiple 16 \
     --method linear --attack pixel_epsilon=0.008 "${common[@]}" --jobs "$(at_once 3)" \
@@ -77,8 +86,8 @@ done
 [ "$device" = cuda ] && launch gpu_tests timeout 200 python3 -m pytest -m gpu -q -rs -p no:cacheprovider \
     tests/test_conadv.py tests/test_stats.py
 
-while [ -n "$(jobs -r)" ] && [ $((SECONDS - start)) -lt "$budget" ]; do sleep 5; done
-echo "stopped after $((SECONDS - start)) s; still running: $(jobs -r | wc -l)" | tee -a "$out/machine.txt"
+while [ "$(running)" -gt 0 ] && [ $((SECONDS - start)) -lt "$budget" ]; do sleep 5; done
+echo "stopped after $((SECONDS - start)) s; still running: $(running)" | tee -a "$out/machine.txt"
 nvidia-smi >> "$out/machine.txt" 2>&1
 cp "$out/machine.txt" "$logs/"
 grep -h -E "^\[.*\] eval_|passed|failed|Error" "$logs"/*.log  # each finished run's line, the tests' outcome

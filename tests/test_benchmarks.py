@@ -215,6 +215,23 @@ def test_an_epoch_budget_given_as_a_float_runs_the_tasks_own_command(tmp_path):
     assert half[half.index("--num_train_epochs") + 1] == "2.5"
 
 
+def test_cifar10_runs_every_scale_in_micro_batches_of_the_base_batch(tmp_path):
+    """The CIFAR-10 grid trains S x 128 examples a step as S data-parallel workers of the base batch would: S
+    micro-batches of 128, so batch norm normalises over 128 examples at every scale (the base run's statistics) and
+    AdaScale's gain sees S gradients; a task without that setting keeps one micro-batch (AdaScale two)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import scaling
+
+    def split(task, multiple, method):
+        cmd = scaling.recipe_command(scaling.TASKS[task], multiple, method, 1, tmp_path, [], False)
+        return (int(cmd[cmd.index("--per_device_train_batch_size") + 1]),
+                int(cmd[cmd.index("--gradient_accumulation_steps") + 1]))
+
+    assert [split("cifar10", m, method) for m, method in ((1, "base"), (16, "linear"), (32, "adascale"))] == [
+        (128, 1), (128, 16), (128, 32)]
+    assert [split("ptb", 16, method) for method in ("linear", "adascale")] == [(320, 1), (160, 2)]
+
+
 def test_lm_perplexity_carries_the_state_as_one_long_forward_would():
     """``benchmarks/lm_perplexity.py``: 20-token segments with the state carried score each stream as one forward
     over the whole stream does (two streams, lengths not a multiple of the segment)."""
