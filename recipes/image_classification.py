@@ -18,7 +18,8 @@ a 3-channel checkpoint gets grayscale images repeated to RGB).
 
 Defaults this recipe changes from ``TrainingArguments`` (all overridable on the command line): SGD with momentum
 0.9, ``learning_rate`` 0.1, ``weight_decay`` 5e-4, cosine decay, ``dataloader_drop_last`` True (every step sees
-the same global batch, which LR scaling assumes), ``per_device_eval_batch_size`` 256, ``save_strategy`` no (the
+the same global batch, which LR scaling assumes; under gradient accumulation HF's loop still makes an epoch's last
+micro-batches, fewer than a step's, a shorter step), ``per_device_eval_batch_size`` 256, ``save_strategy`` no (the
 final model is still saved), ``do_train`` and ``do_eval`` True, ``logging_steps`` 20. Evaluation never drops
 examples: the eval loader ignores ``dataloader_drop_last`` (``eval_examples`` in the metrics is the count).
 

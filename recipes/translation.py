@@ -26,7 +26,8 @@ one logged at the last step, else a new one) writes its generations one per line
 
 Defaults this recipe changes from ``Seq2SeqTrainingArguments`` (all overridable): ``predict_with_generate`` True,
 ``learning_rate`` 5e-4, ``adam_beta2`` 0.98, ``dataloader_drop_last`` True (every step sees the same global batch,
-which LR scaling assumes; evaluation never drops), ``per_device_eval_batch_size`` 128, ``save_strategy`` no (the
+which LR scaling assumes, but for an epoch's shorter last step under gradient accumulation, as in HF's loop;
+evaluation never drops), ``per_device_eval_batch_size`` 128, ``save_strategy`` no (the
 final model and tokenizer are still saved), ``logging_steps`` 50; ``generation_max_length`` defaults to
 ``--max_target_length`` + 1 (the decoder start token counts).
 """
