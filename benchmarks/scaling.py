@@ -55,7 +55,7 @@ TASKS = {
         "base_batch": 128, "learning_rate": 0.1, "epochs": 100, "warmup_epochs": 1.0,
         # S x 128 examples a step as S data-parallel workers of the base batch: batch norm's statistics over 128
         # examples at every scale (the base run's; as Goyal et al.'s per-worker batch norm), AdaScale's gain from S
-        # gradients; on one CPU core also a fraction of one micro-batch of 2048's time per epoch (BENCHMARKS.md)
+        # gradients; on one CPU core also far cheaper an epoch than one micro-batch of 4096 (BENCHMARKS.md)
         "micro_batch": 128,
         "logging_steps": 50,
         "metric": "eval_accuracy", "higher_is_better": True,
