@@ -525,11 +525,13 @@ def main(argv=None) -> int:
     if not opts.fresh:  # before any run starts: a run of another command is never overwritten unasked
         refuse_other_commands_runs([folder_and_command(*config) for config in plan])
 
+    unfinished = []  # named once the other sittings' rows are known: one of them may stand in for the run
+
     def execute(label, multiple, method, repeat) -> dict | None:
         run_dir, cmd = folder_and_command(label, multiple, method, repeat)
         if opts.table_only:
             if not finished(run_dir):
-                print(f"[{label}] unfinished: not in the table", flush=True)
+                unfinished.append(label)
                 return None
             wall = Sittings(run_dir).total_s
         else:
@@ -543,7 +545,11 @@ def main(argv=None) -> int:
 
     # Several runs at once only where the machine has room for them (a GPU box); their wall times then compete.
     rows = [row for row in run_each(lambda config: execute(*config), plan, opts.jobs) if row is not None]
-    rows = added_rows(opts.add_results, opts.task, epochs, {row["run"] for row in rows}) + rows
+    added = added_rows(opts.add_results, opts.task, epochs, {row["run"] for row in rows})
+    for label in unfinished:
+        supplied = label in {row["run"] for row in added}
+        print(f"[{label}] " + ("from --add_results" if supplied else "unfinished: not in the table"), flush=True)
+    rows = added + rows
     if not rows:
         raise SystemExit(f"no run in {out} has finished")
     machine = "; ".join(sorted({m for row in rows for m in row["machines"]}))

@@ -160,8 +160,12 @@ def test_scaling_resumes_a_killed_run_from_its_checkpoint_and_skips_finished_one
     assert [r["run"] for r in rows] == ["base"] and rows[0]["metric"] == metric[1]
     # another sitting's rows join a table that lacks them; those of another epoch budget are refused
     joined = tmp_path / "joined"
-    run([*command[1:], "--runs", "2x sqrt", "--table_only", "--add_results", str(straight / "results.json")], joined)
+    table = run([*command[1:], "--runs", "base", "2x sqrt", "--table_only", "--add_results",
+                 str(straight / "results.json")], joined)
     assert [r["run"] for r in json.loads((joined / "results.json").read_text())["runs"]] == ["base"]
+    # the log names the row that came from the other sitting as such, and only the missing one as unfinished
+    assert "[base] unfinished" not in table.stdout and "[base] from --add_results" in table.stdout
+    assert "[2x sqrt] unfinished: not in the table" in table.stdout
     refused = subprocess.run([sys.executable, *command[1:], "--epochs", "2", "--runs", "2x sqrt", "--table_only",
                               "--add_results", str(straight / "results.json"), "--out", str(joined)], cwd=REPO,
                              capture_output=True, text=True, timeout=300)
