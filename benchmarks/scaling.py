@@ -546,9 +546,10 @@ def main(argv=None) -> int:
     # Several runs at once only where the machine has room for them (a GPU box); their wall times then compete.
     rows = [row for row in run_each(lambda config: execute(*config), plan, opts.jobs) if row is not None]
     added = added_rows(opts.add_results, opts.task, epochs, {row["run"] for row in rows})
+    supplied = {row["run"] for row in added}
     for label in unfinished:
-        supplied = label in {row["run"] for row in added}
-        print(f"[{label}] " + ("from --add_results" if supplied else "unfinished: not in the table"), flush=True)
+        print(f"[{label}] " + ("from --add_results" if label in supplied else "unfinished: not in the table"),
+              flush=True)
     rows = added + rows
     if not rows:
         raise SystemExit(f"no run in {out} has finished")
