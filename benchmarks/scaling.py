@@ -338,6 +338,8 @@ def summarise(label, multiple, method, summary: dict, wall: float, metric: str, 
         "examples_seen": summary["examples_seen"], "wall_s": wall,
         "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"),  # what a GPU sitting must fit (None off CUDA)
         "eval_curve": [(h["step"], h[metric]) for h in evals],
+        # examples read at each evaluation, as the trainer counted them (entries logged before it did: steps x batch)
+        "eval_examples": [h.get("examples_seen", h["step"] * summary["global_batch_size"]) for h in evals],
         "lr_curve": [(h["step"], h["learning_rate"]) for h in summary["log_history"] if "learning_rate" in h],
         "loss_curve": [(h["step"], h["loss"]) for h in summary["log_history"] if "loss" in h],
         # AutoWU's record, per logging step: (step, phase, votes so far, last vote's probability), and its cost
@@ -408,7 +410,8 @@ def plot(rows: list[dict], task: dict, out: Path, title: str) -> list[Path]:
         steps = [s for s, _ in r["eval_curve"]]
         values = [v for _, v in r["eval_curve"]]
         axes[0].plot(steps, values, marker="o", label=r["run"])
-        axes[1].plot([s * r["global_batch"] for s in steps], values, marker="o", label=r["run"])
+        examples = r.get("eval_examples") or [s * r["global_batch"] for s in steps]  # results.json before the count
+        axes[1].plot(examples, values, marker="o", label=r["run"])
         axes[2].plot([s for s, _ in r["lr_curve"]], [v for _, v in r["lr_curve"]], label=r["run"])
     for ax, xlabel, ylabel in ((axes[0], "optimizer steps", metric), (axes[1], "examples seen", metric),
                                (axes[2], "optimizer steps", "learning rate (applied)")):

@@ -126,7 +126,7 @@ def run_demo(output_dir: str = "hf_largebatch_demo", base_batch_size: int = 16, 
             "run": run.label, "rule": "base" if run.scale == 1 else run.lr_scaling, "global_batch": batch,
             "scale": trainer.scale, "peak_lr": max(history.learning_rates),
             "warmup_steps": trainer.lr_plan(trainer.state.max_steps)[1], "steps": steps,
-            "examples_seen": steps * batch, "test_accuracy": metrics["eval_accuracy"], "wall_s": wall,
+            "examples_seen": trainer.examples_seen, "test_accuracy": metrics["eval_accuracy"], "wall_s": wall,
             "mean_gain": (trainer.algorithm("adascale").progress / steps if run.lr_scaling == "adascale" else None),
         })
     conclusion = conclude(rows)

@@ -101,7 +101,7 @@ def write_summary(trainer, metrics: dict, path: str, **extra) -> dict:
         "learning_rate": args.learning_rate,
         "world_size": args.world_size,
         "optimizer_steps": steps,
-        "examples_seen": adaptive.samples_seen if adaptive else steps * trainer.global_batch_size,
+        "examples_seen": trainer.examples_seen,
         # rounds of communication: a gradient all-reduce per step, or local SGD's parameter averages
         "synchronizations": local.syncs if local else (steps if args.world_size > 1 else 0),
         "batch_size_history": adaptive.history if adaptive else [],

@@ -49,6 +49,8 @@ def test_scaling_quick(tmp_path):
     # same epoch budget: twice the batch, half the optimizer steps
     assert runs["base"]["optimizer_steps"] == 2 * runs["2x linear"]["optimizer_steps"]
     assert all(r["eval_curve"] and r["lr_curve"] for r in runs.values())
+    # the curve against examples reads the trainer's count: the last evaluation comes after every example was read
+    assert all(r["eval_examples"][-1] == r["examples_seen"] for r in runs.values())
     # the base run learns in its 8 steps: it beats chance (10 classes; 256 eval images: 0.15 is 2.6 sigma above
     # 0.1) and its loss falls
     base = runs["base"]

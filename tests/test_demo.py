@@ -28,7 +28,7 @@ def test_demo_console_script(tmp_path):
     # Same epoch budget: 20 epochs of 1,437 training images; at 1024 an epoch is one step (the partial batch is
     # dropped), at 16 it is 89
     assert linear["steps"] == legw["steps"] == 20 and base["steps"] == 20 * 89
-    assert all(r["examples_seen"] == r["steps"] * r["global_batch"] for r in rows)
+    assert all(r["examples_seen"] == r["steps"] * r["global_batch"] for r in rows)  # the partial batch was dropped
     # the conclusion is the table's numbers
     conclusion = result["conclusion"]
     assert conclusion in proc.stdout and "AdaScale kept the base run's accuracy" in conclusion

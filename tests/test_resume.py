@@ -108,3 +108,30 @@ def test_every_algorithm_resumes_exactly(tmp_path, case):
         want = [h.get(key) for h in full["log_history"] if h["step"] > after and "train_runtime" not in h]
         got = [h.get(key) for h in resumed["log_history"] if h["step"] > after and "train_runtime" not in h]
         assert got == pytest.approx(want, rel=1e-6, nan_ok=True), key
+
+
+def test_examples_seen_counts_each_epochs_short_last_step_and_survives_a_resume(tmp_path):
+    """150 examples in micro-batches of 8, two to a step: each epoch is 9 full steps and a last step of one
+    micro-batch of 6 examples, so 2 epochs read 300 examples, not 20 steps x 16. The count is logged with every
+    log entry, written to the summary and carried through a checkpoint."""
+    from hf_largebatch import write_summary
+
+    def run(output_dir, resume=None):
+        args = LargeBatchArguments(
+            output_dir=str(output_dir), per_device_train_batch_size=8, gradient_accumulation_steps=2,
+            num_train_epochs=2, learning_rate=0.05, optim="sgd", use_cpu=True, report_to=[], save_steps=7,
+            save_strategy="steps", logging_steps=1, disable_tqdm=True, seed=0, data_seed=0)
+        trainer = LargeBatchTrainer(model=tiny_resnet(), args=args, train_dataset=digits_dataset(150))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, write_summary(trainer, {}, str(output_dir / "summary.json"))
+
+    full, summary = run(tmp_path / "full")
+    assert summary["optimizer_steps"] == 20 and summary["global_batch_size"] == 16
+    assert summary["examples_seen"] == 2 * 150
+    logged = {h["step"]: h["examples_seen"] for h in full.state.log_history if "loss" in h}
+    assert [logged[s] for s in (1, 9, 10, 11, 20)] == [16, 144, 150, 166, 300]
+
+    resumed, resumed_summary = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-14"))
+    assert resumed_summary["examples_seen"] == 300
+    # the history up to step 14 comes back from the checkpoint; the steps after it are counted on from there
+    assert {h["step"]: h["examples_seen"] for h in resumed.state.log_history if "loss" in h} == logged

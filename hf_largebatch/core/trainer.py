@@ -13,7 +13,8 @@ constructor):
   (``statistics.py``), one composition check at ``train()`` (``composition.py``) and every algorithm's checkpoint
   state;
 * **honest logs**: ``learning_rate`` is the LR the optimizer applied in the step (read inside ``optimizer.step``),
-  plus ``scale`` (S = B / B0) and every algorithm's metrics.
+  plus ``scale`` (S = B / B0), ``examples_seen`` (examples read, counted: each epoch's short last step reads
+  fewer than a global batch) and every algorithm's metrics.
 
 Algorithms come from the options (``LargeBatchArguments.build_algorithms``) or from ``callbacks=[...]``.
 """
@@ -54,6 +55,7 @@ RUN_RECORD = "__run__"  # the key of the run's batch, world size and S in every 
 NONFINITE_RECORD = "__nonfinite__"  # the key of the non-finite steps' count, in the same file
 CARRIED_RECORD = "__carried_state__"  # a recurrent model's per-stream state (carried_state.py), per rank
 SUMMARY_RECORD = "__run_summary__"  # the start-up summary (run_summary.py), for reports (run_report.py)
+EXAMPLES_RECORD = "__examples_seen__"  # the examples read by all ranks so far
 logger = logging.get_logger(__name__)
 
 #: the options the trainer itself reads, with their values under plain ``TrainingArguments``
@@ -98,6 +100,7 @@ class LargeBatchTrainer(Trainer):
         self._nonfinite = NonFiniteGuard(self._option("on_nonfinite_step"))
         self._schedule_clock = None  # the clock the LR schedule runs on, when an algorithm owns it
         self.run_summary: dict = {}  # what the library decided (run_summary.py), once the schedule is built
+        self.examples_seen = 0  # by all ranks, counted per step (steps x global batch overcounts short steps)
         build = getattr(self.args, "build_algorithms", None)
         if build is not None:  # the algorithms the options ask for and callbacks=[...] did not bring
             for algorithm in build(present=self.algorithms):
@@ -501,6 +504,8 @@ class LargeBatchTrainer(Trainer):
         step.micro_step += 1
         if last:
             step.micro_step = 0
+            # every rank reads as many examples a step (accelerate's even_batches pads a short last batch)
+            self.examples_seen += step.examples * self.args.world_size
             if self._listeners["on_reduced_gradients"] and not self.is_deepspeed_enabled:
                 self._fire_reduced_gradients()
             if self._listeners["on_step_loss"]:
@@ -729,6 +734,7 @@ class LargeBatchTrainer(Trainer):
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        logs["examples_seen"] = self.examples_seen  # evaluations too: a metric-vs-examples curve reads it
         if "learning_rate" in logs:
             logs["scale"] = self.scale  # an algorithm that changes the batch logs its own
             logs["nonfinite_steps"] = self._nonfinite.count
@@ -751,7 +757,7 @@ class LargeBatchTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         states = {alg.name: alg.state_dict() for alg in self.algorithms}
         records = {RUN_RECORD: self._run_record(), NONFINITE_RECORD: self._nonfinite.state_dict(),
-                   SUMMARY_RECORD: self.run_summary}
+                   SUMMARY_RECORD: self.run_summary, EXAMPLES_RECORD: self.examples_seen}
         carried = getattr(self.model, "carried_state", None)
         if carried is not None:
             records[CARRIED_RECORD] = carried.state_dict()
@@ -807,6 +813,8 @@ class LargeBatchTrainer(Trainer):
         self._check_same_run(checkpoint)
         algorithms = self.algorithms
         path = self._algorithm_state_path(checkpoint)
+        # what a checkpoint written before the count was kept implies: full global batches
+        self.examples_seen = self.state.global_step * self.global_batch_size
         if not algorithms and not os.path.isfile(path):
             return  # a checkpoint from before the file was always written: nothing to restore
         if not os.path.isfile(path):
@@ -815,6 +823,8 @@ class LargeBatchTrainer(Trainer):
         states = self._read_states(path)
         if NONFINITE_RECORD in states:  # absent from checkpoints written before it was kept
             self._nonfinite.load_state_dict(states[NONFINITE_RECORD])
+        if EXAMPLES_RECORD in states:
+            self.examples_seen = int(states[EXAMPLES_RECORD])
         carried = getattr(self.model, "carried_state", None)
         if carried is not None and CARRIED_RECORD in states:
             carried.load_state_dict(states[CARRIED_RECORD])
