@@ -347,6 +347,9 @@ def summarise(label, multiple, method, summary: dict, wall: float, metric: str, 
                          for h in summary["log_history"] if "autowu_phase" in h],
         "autowu_switch_step": next((h["autowu_switch_step"] for h in reversed(summary["log_history"])
                                     if "autowu_switch_step" in h), None),
+        # the LR it switched to (logs from before it was logged: the switching vote's, the last vote's prediction)
+        "autowu_switch_lr": next((h.get("autowu_switch_lr", h["autowu_predicted_lr"])
+                                  for h in reversed(summary["log_history"]) if "autowu_switch_step" in h), None),
         "autowu_gp_seconds": next((h["autowu_gp_seconds"] for h in reversed(summary["log_history"])
                                    if "autowu_gp_seconds" in h), None),
         "train_runtime": next((h["train_runtime"] for h in summary["log_history"] if "train_runtime" in h), None),
@@ -380,10 +383,9 @@ def to_markdown(rows: list[dict], task: dict, machine: str) -> str:
     for r in rows:
         if r.get("autowu_curve"):
             share = r["autowu_gp_seconds"] / r["train_runtime"] if r.get("train_runtime") else float("nan")
-            lr_at_switch = next((lr for step, lr in r["lr_curve"] if step == (r["autowu_switch_step"] or 0) + 1), None)
             lines.append(f"\nAutoWU {r['run']}: switch at step {r['autowu_switch_step']} of {r['optimizer_steps']} "
-                         f"(LR {lr_at_switch:.4g}); GP time {r['autowu_gp_seconds']:.2f} s = {100 * share:.2f}% of "
-                         f"training ({r['train_runtime']:.0f} s).")
+                         f"(LR {r['autowu_switch_lr']:.4g}); GP time {r['autowu_gp_seconds']:.2f} s = "
+                         f"{100 * share:.2f}% of training ({r['train_runtime']:.0f} s).")
     return "\n".join(lines)
 
 

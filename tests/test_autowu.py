@@ -122,6 +122,8 @@ def test_real_training_run_switches_and_applies_its_lr(tmp_path):
     logs = [h for h in trainer.state.log_history if "autowu_phase" in h]
     assert logs[0]["autowu_phase"] == 0 and logs[-1]["autowu_phase"] == 1
     assert logs[-1]["autowu_switch_step"] == c.switch_step
+    # the LR it switched to, logged: the step after the switch is rarely a logging step
+    assert logs[-1]["autowu_switch_lr"] == c.switch_lr == history.learning_rates[c.switch_step]
     assert logs[-1]["autowu_votes"] == len(c.votes)
     # README: each log carries the last vote's probability and predicted LR and the run of yes-votes so far
     voted = [h for h in logs if h["autowu_votes"] > 0]

@@ -277,6 +277,7 @@ class AutoWU(Algorithm):
             metrics["autowu_predicted_lr"] = c.votes[-1][3]
         if not c.in_warmup:
             metrics["autowu_switch_step"] = float(c.switch_step)
+            metrics["autowu_switch_lr"] = c.switch_lr
         return metrics
 
     def state_dict(self) -> dict:
