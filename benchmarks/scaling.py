@@ -383,7 +383,7 @@ def to_markdown(rows: list[dict], task: dict, machine: str) -> str:
     for r in rows:
         if r.get("autowu_curve"):
             share = r["autowu_gp_seconds"] / r["train_runtime"] if r.get("train_runtime") else float("nan")
-            lines.append(f"\nAutoWU {r['run']}: switch at step {r['autowu_switch_step']} of {r['optimizer_steps']} "
+            lines.append(f"\nAutoWU {r['run']}: switch at step {r['autowu_switch_step']:.0f} of {r['optimizer_steps']} "
                          f"(LR {r['autowu_switch_lr']:.4g}); GP time {r['autowu_gp_seconds']:.2f} s = "
                          f"{100 * share:.2f}% of training ({r['train_runtime']:.0f} s).")
     return "\n".join(lines)

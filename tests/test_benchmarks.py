@@ -217,7 +217,7 @@ def test_scaling_table_names_autowus_switch_lr_when_the_step_after_the_switch_wa
     row = {"run": "32x autowu_lamb", "method": "autowu_lamb", "global_batch": 4096, "metric": 0.79,
            "extra_metrics": {}, "optimizer_steps": 390, "examples_seen": 0, "wall_s": 0.0, "scale": 32,
            "lr_curve": [(step, 0.1) for step in range(50, 400, 50)], "autowu_curve": [(150, 0, 30, 1.0)],
-           "autowu_switch_step": 155, "autowu_switch_lr": 0.021847, "autowu_gp_seconds": 1.26,
+           "autowu_switch_step": 155.0, "autowu_switch_lr": 0.021847, "autowu_gp_seconds": 1.26,
            "train_runtime": 4782.0}
     table = scaling.to_markdown([row], scaling.TASKS["cifar10"], "machine")
     assert "AutoWU 32x autowu_lamb: switch at step 155 of 390 (LR 0.02185); GP time 1.26 s = 0.03% of" in table
