@@ -352,7 +352,6 @@ def summarise(label, multiple, method, summary: dict, wall: float, metric: str, 
                                   for h in reversed(summary["log_history"]) if "autowu_switch_step" in h), None),
         "autowu_gp_seconds": next((h["autowu_gp_seconds"] for h in reversed(summary["log_history"])
                                    if "autowu_gp_seconds" in h), None),
-        "train_runtime": next((h["train_runtime"] for h in summary["log_history"] if "train_runtime" in h), None),
         # AdaScale's own record, per logging step: (progress, gain, applied LR)
         "adascale_curve": [(h["progress"], h["adascale_gain"], h["learning_rate"]) for h in summary["log_history"]
                            if "adascale_gain" in h],
@@ -382,10 +381,11 @@ def to_markdown(rows: list[dict], task: dict, machine: str) -> str:
                          f"{ideal:.0f}: step efficiency {100 * ideal / r['optimizer_steps']:.0f}%.")
     for r in rows:
         if r.get("autowu_curve"):
-            share = r["autowu_gp_seconds"] / r["train_runtime"] if r.get("train_runtime") else float("nan")
+            # over the run's wall time in all its sittings (HF's train_runtime is the last sitting's alone)
+            share = r["autowu_gp_seconds"] / r["wall_s"] if r["wall_s"] else float("nan")
             lines.append(f"\nAutoWU {r['run']}: switch at step {r['autowu_switch_step']:.0f} of {r['optimizer_steps']} "
                          f"(LR {r['autowu_switch_lr']:.4g}); GP time {r['autowu_gp_seconds']:.2f} s = "
-                         f"{100 * share:.2f}% of training ({r['train_runtime']:.0f} s).")
+                         f"{100 * share:.2f}% of the run's wall time ({r['wall_s']:.0f} s).")
     return "\n".join(lines)
 
 
