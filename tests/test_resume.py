@@ -135,3 +135,11 @@ def test_examples_seen_counts_each_epochs_short_last_step_and_survives_a_resume(
     assert resumed_summary["examples_seen"] == 300
     # the history up to step 14 comes back from the checkpoint; the steps after it are counted on from there
     assert {h["step"]: h["examples_seen"] for h in resumed.state.log_history if "loss" in h} == logged
+
+    # a checkpoint written before the count was kept: its steps count as full global batches (14 x 16, not 214)
+    state_file = tmp_path / "full" / "checkpoint-14" / ALGORITHM_STATE_FILE.format(rank=0)
+    states = torch.load(state_file, weights_only=True)
+    del states["__examples_seen__"]
+    torch.save(states, state_file)
+    _, legacy_summary = run(tmp_path / "legacy", resume=str(tmp_path / "full" / "checkpoint-14"))
+    assert legacy_summary["examples_seen"] == 14 * 16 + 300 - logged[14]
