@@ -132,8 +132,11 @@ def recipe_command(task: dict, multiple: int, method: str, epochs: float, out_di
                    quick: bool, device: str = "cpu") -> list[str]:
     base = task["base_batch"]
     w0 = task["warmup_epochs"]
-    micro = task.get("micro_batch")  # examples per micro-batch at every scale, where the task fixes it
-    micro_batches = base * multiple // micro if micro else 1
+    micro = task.get("micro_batch")  # examples per micro-batch at every scale above it, where the task fixes it
+    if micro and base * multiple > micro and base * multiple % micro:
+        raise SystemExit(f"--micro_batch {micro} does not divide the global batch {base * multiple} of the "
+                         f"{multiple}x runs: give a divisor of it")
+    micro_batches = max(base * multiple // micro, 1) if micro else 1
     if method == "adascale":  # its gain needs two gradients of the step at least
         micro_batches = max(micro_batches, 2)
     epochs_text = f"{epochs:g}" if float(epochs).is_integer() else str(epochs)  # --epochs 30 runs the task's 30
@@ -162,6 +165,13 @@ def recipe_command(task: dict, multiple: int, method: str, epochs: float, out_di
     if quick:
         cmd += task["quick"]
     return cmd + extra
+
+
+def with_micro_batch(task: dict, micro_batch: int | None) -> dict:
+    """The task with every step above ``micro_batch`` examples split into micro-batches of that size: what fits a
+    machine's memory. The LR rules' updates do not depend on the split (the library's split-invariant loss), but
+    batch norm's statistics do: CIFAR-10 fixes its own (128, the base batch)."""
+    return task if micro_batch is None else {**task, "micro_batch": micro_batch}
 
 
 def same_run(a: list[str], b: list[str]) -> bool:
@@ -495,6 +505,9 @@ def main(argv=None) -> int:
                    help="CI smoke test: a data subset, 1 epoch (unless --epochs), multiples 1 and 2")
     p.add_argument("--runs", nargs="+", help="only these run labels, e.g. base '8x legw' (default: every combination)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every run trains")
+    p.add_argument("--micro_batch", type=int,
+                   help="examples per micro-batch of every step larger than it (default: the task's; else one "
+                        "micro-batch a step): a large batch that does not fit the machine's memory at once")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once, each with --threads torch threads (their wall times then compete)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (default: 1 with --jobs > 1)")
@@ -508,7 +521,7 @@ def main(argv=None) -> int:
                    help="rows of another sitting's results.json (same task and epochs; e.g. the base run on the CPU "
                         "beside large-batch runs on a GPU) join the table where this command has no run of theirs")
     opts, extra = p.parse_known_args(argv)
-    task = TASKS[opts.task]
+    task = with_micro_batch(TASKS[opts.task], opts.micro_batch)
     epochs = opts.epochs or task["epochs"]
     if opts.quick:
         opts.multiples, epochs = [1, 2], opts.epochs or 1

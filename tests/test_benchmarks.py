@@ -254,6 +254,28 @@ def test_cifar10_runs_every_scale_in_micro_batches_of_the_base_batch(tmp_path):
     assert [split("ptb", 16, method) for method in ("linear", "adascale")] == [(320, 1), (160, 2)]
 
 
+def test_micro_batch_option_splits_each_step_to_fit_memory(tmp_path):
+    """``--micro_batch`` splits every scale above it into micro-batches of that many examples (Multi30k's 16x step
+    in one micro-batch of 2,048 pairs took 18.6 GB and was killed on this 23 GB machine); a run at or below it keeps
+    one micro-batch, and a size that does not divide a run's batch is refused before anything runs."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import scaling
+
+    task = scaling.with_micro_batch(scaling.TASKS["multi30k"], 256)
+    assert scaling.TASKS["multi30k"].get("micro_batch") is None  # the task itself is left as it was
+
+    def split(multiple, method):
+        cmd = scaling.recipe_command(task, multiple, method, 1, tmp_path, [], False)
+        return (int(cmd[cmd.index("--per_device_train_batch_size") + 1]),
+                int(cmd[cmd.index("--gradient_accumulation_steps") + 1]))
+
+    assert [split(m, method) for m, method in ((1, "base"), (8, "linear"), (16, "legw"), (16, "adascale"))] == [
+        (128, 1), (256, 4), (256, 8), (256, 8)]
+    with pytest.raises(SystemExit, match="--micro_batch 300 does not divide the global batch 1024"):
+        scaling.recipe_command(scaling.with_micro_batch(scaling.TASKS["multi30k"], 300), 8, "linear", 1, tmp_path,
+                               [], False)
+
+
 def test_lm_perplexity_carries_the_state_as_one_long_forward_would():
     """``benchmarks/lm_perplexity.py``: 20-token segments with the state carried score each stream as one forward
     over the whole stream does (two streams, lengths not a multiple of the segment)."""
