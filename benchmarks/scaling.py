@@ -170,7 +170,7 @@ def recipe_command(task: dict, multiple: int, method: str, epochs: float, out_di
 def with_micro_batch(task: dict, micro_batch: int | None) -> dict:
     """The task with every step above ``micro_batch`` examples split into micro-batches of that size: what fits a
     machine's memory. The LR rules' updates do not depend on the split (the library's split-invariant loss), but
-    batch norm's statistics do: CIFAR-10 fixes its own (128, the base batch)."""
+    batch norm's statistics do: a CIFAR-10 grid compares runs only at its task's own 128 (the base batch)."""
     return task if micro_batch is None else {**task, "micro_batch": micro_batch}
 
 

@@ -256,8 +256,8 @@ def test_cifar10_runs_every_scale_in_micro_batches_of_the_base_batch(tmp_path):
 
 def test_micro_batch_option_splits_each_step_to_fit_memory(tmp_path):
     """``--micro_batch`` splits every scale above it into micro-batches of that many examples (Multi30k's 16x step
-    in one micro-batch of 2,048 pairs took 18.6 GB and was killed on this 23 GB machine); a run at or below it keeps
-    one micro-batch, and a size that does not divide a run's batch is refused before anything runs."""
+    in one micro-batch of 2,048 pairs grew to 17.8 GiB and was killed on the 23 GiB CPU machine); a run at or below
+    it keeps one micro-batch, and a size that does not divide a run's batch is refused before anything runs."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import scaling
 
