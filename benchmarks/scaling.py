@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -259,6 +260,13 @@ def machine_name(device: str = "cpu") -> str:
     except OSError:
         model = None
     return model or platform.processor() or platform.machine()
+
+
+def machines_line(machines: Iterable[str]) -> str:
+    """Each machine of a table's runs once, with the setting its sittings recorded; a sitting recorded with the bare
+    CPU name (before sittings named their setting) folds into the same CPU's entry that has one."""
+    names = set(machines)
+    return "; ".join(sorted(m for m in names if not any(o.startswith(f"{m}, ") for o in names)))
 
 
 def run_resumably(run_dir: Path, cmd: list[str], label: str, threads: int | None, fresh: bool,
@@ -553,7 +561,7 @@ def main(argv=None) -> int:
                 return None
             wall = Sittings(run_dir).total_s
         else:
-            wall = run_resumably(run_dir, cmd, label, threads, opts.fresh, machine_name(opts.device))
+            wall = run_resumably(run_dir, cmd, label, threads, opts.fresh, f"{machine_name(opts.device)}, {setting}")
         summary = json.loads((run_dir / "summary.json").read_text())
         row = summarise(label, multiple, method, summary, wall, task["metric"], repeat, task.get("extra_metrics", ()))
         row["machines"] = Sittings(run_dir).machines  # where it trained, as its sittings recorded it
@@ -571,9 +579,7 @@ def main(argv=None) -> int:
     rows = added + rows
     if not rows:
         raise SystemExit(f"no run in {out} has finished")
-    machine = "; ".join(sorted({m for row in rows for m in row["machines"]}))
-    if not opts.table_only:
-        machine += f", {setting}"
+    machine = machines_line(m for row in rows for m in row["machines"])
 
     (out / "results.json").write_text(json.dumps({"task": opts.task, "epochs": epochs, "machine": machine,
                                                   "command": " ".join(sys.argv), "runs": rows}, indent=1))

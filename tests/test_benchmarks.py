@@ -208,6 +208,18 @@ def test_scaling_table_gives_adascales_step_efficiency():
     assert "137 steps against the ideal T_base / S = 100: step efficiency 73%" in table
 
 
+def test_the_tables_machine_line_names_each_machine_once_with_its_setting():
+    """A table joining a GPU sitting's rows to this CPU's names each machine once: a run whose older sittings
+    recorded the bare CPU name does not repeat the CPU beside the entry that gives its cores and threads."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import scaling
+
+    cpu = "AMD EPYC, 2 CPU cores, torch threads per run 1"
+    gpu = "NVIDIA H200 (host CPU: Intel Xeon), 16 CPU cores, torch threads per run 1, 24 runs at once"
+    assert scaling.machines_line(["AMD EPYC", cpu, gpu, cpu]) == f"{cpu}; {gpu}"
+    assert scaling.machines_line(["AMD EPYC"]) == "AMD EPYC"
+
+
 def test_scaling_table_names_autowus_switch_lr_when_the_step_after_the_switch_was_not_logged():
     """The CIFAR-10 task logs every 50 steps: AutoWU's own record of its switch LR, not an LR log at the step after
     the switch, names it (32x AutoWU + LAMB switched at step 155 and had no log at step 156). The GP's share is of
