@@ -12,11 +12,11 @@
 # held 55, 28 and 28 GB: not recorded which, likely by the sizes the Multi30k runs of 2,048 and 1,024 sentences a
 # micro-batch; summaries now give each run's peak_gpu_memory_gib) and 16 of them failed for memory; 11 ResNet-20 runs
 # alone made at most 9 of their 30 epochs in 250 s. Hence at most CIFAR10_JOBS (default 4) grid runs at once, and ONLY
-# (a regular expression over the benchmark names: cifar10_resnet18, ptb, cifar10, multi30k, cifar10_adversarial,
+# (a regular expression over the benchmark names: cifar10_resnet18, ptb, cifar10, cifar10_adversarial,
 # cifar10_extrap_r1.0, gpu_tests) to run a part.
 #
 # Prepare once, in the repo root (the machine sees only the checkout, and its transformers predates our range):
-#   echo /.gpu/ >> .git/info/exclude; mkdir -p .gpu/data && cp -r ../shared/data/{ptb,multi30k,cifar10-jpeg} .gpu/data/
+#   echo /.gpu/ >> .git/info/exclude; mkdir -p .gpu/data && cp -r ../shared/data/{ptb,cifar10-jpeg} .gpu/data/
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .gpu/whl transformers==5.24.0 accelerate==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
@@ -70,10 +70,7 @@ launch ptb python3 benchmarks/scaling.py --task ptb --multiples 16 64 --methods 
 launch cifar10 python3 benchmarks/scaling.py --task cifar10 --epochs 30 --multiples 16 32 \
     --methods adascale --runs "16x adascale" "32x adascale" "${common[@]}" \
     --jobs "$(at_once "${CIFAR10_JOBS:-4}")" --out "$results/cifar10" $(limits 4096 256)
-launch multi30k python3 benchmarks/scaling.py --task multi30k --multiples 8 16 --methods linear legw adascale \
-    --runs "8x linear" "16x legw" "${common[@]}" --jobs "$(at_once 2)" --out "$results/multi30k" \
-    --per_device_eval_batch_size 256 \
-    $(limits 4096 64 "--max_predict_samples 64")
+# (Multi30k's grid is complete: 8x linear and 16x LEGW ran on the CPU, benchmarks/reports/multi30k_grid)
 launch cifar10_adversarial python3 benchmarks/adversarial.py --task cifar10 --epochs 30 --multiple 16 \
     --method linear --attack pixel_epsilon=0.008 "${common[@]}" --jobs "$(at_once 3)" \
     --out "$results/cifar10_adversarial" $(limits 4096 256)
