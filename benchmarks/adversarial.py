@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scaling  # noqa: E402  (the benchmark scripts are not a package)
@@ -44,8 +41,8 @@ def run_all(opts, recipe_args: list[str] = ()) -> list[dict]:
                                                                  extra, opts.quick, opts.device)))
     if not opts.fresh:
         scaling.refuse_other_commands_runs([(run_dir, cmd) for _, _, run_dir, cmd in runs])
-    machine = scaling.machine_name(opts.device)
     threads = opts.threads or (1 if opts.jobs > 1 else None)
+    machine = scaling.sitting_machine(opts.device, threads, opts.jobs)
 
     def execute(mode, label, run_dir, cmd) -> dict:  # it resumes where a killed benchmark left it, as scaling.py's
         wall = scaling.run_resumably(run_dir, cmd, label, threads, opts.fresh, machine)
@@ -59,15 +56,14 @@ def run_all(opts, recipe_args: list[str] = ()) -> list[dict]:
 
     rows = scaling.run_each(lambda run: execute(*run), runs, opts.jobs)  # --jobs: a GPU machine has room
     (out / "results.json").write_text(json.dumps(rows, indent=1))
-    table = to_markdown(rows, task["metric"], opts.attack, threads or torch.get_num_threads(), opts.jobs)
+    table = to_markdown(rows, task["metric"], opts.attack)
     (out / "table.md").write_text(table + "\n")
     print(table)
     return rows
 
 
-def to_markdown(rows: list[dict], metric: str, attack: str, threads: int, jobs: int = 1) -> str:
-    machine = (f"{'; '.join(sorted({m for r in rows for m in r['machines']}))}, {os.cpu_count()} CPU cores, "
-               f"torch threads per run {threads}" + (f", {jobs} runs at once" if jobs > 1 else ""))
+def to_markdown(rows: list[dict], metric: str, attack: str) -> str:
+    machine = scaling.machines_line(m for r in rows for m in r["machines"])
     lines = [f"Attack `{attack}` (one signed-gradient step, random start); {machine}.", "",
              f"| run | global batch | {metric} (clean) | {ADVERSARIAL_METRIC[metric]} (under attack) | optimizer steps "
              "| wall time (s) |", "|---|---:|---:|---:|---:|---:|"]

@@ -262,6 +262,13 @@ def machine_name(device: str = "cpu") -> str:
     return model or platform.processor() or platform.machine()
 
 
+def sitting_machine(device: str, threads: int | None, jobs: int) -> str:
+    """What a sitting records of where it ran: the machine and the setting its wall time depends on."""
+    return (f"{machine_name(device)}, {os.cpu_count()} CPU cores, torch threads per run "
+            f"{threads or os.environ.get('OMP_NUM_THREADS', 'default')}"
+            + (f", {jobs} runs at once" if jobs > 1 else ""))
+
+
 def machines_line(machines: Iterable[str]) -> str:
     """Each machine of a table's runs once, with the setting its sittings recorded; a sitting recorded with the bare
     CPU name (before sittings named their setting) folds into the same CPU's entry that has one."""
@@ -536,9 +543,7 @@ def main(argv=None) -> int:
     out = Path(opts.out or REPO / "benchmarks" / "results" / opts.task)
     out.mkdir(parents=True, exist_ok=True)
     threads = opts.threads or (1 if opts.jobs > 1 else None)
-    setting = (f"{os.cpu_count()} CPU cores, torch threads per run "
-               f"{threads or os.environ.get('OMP_NUM_THREADS', 'default')}"
-               + (f", {opts.jobs} runs at once" if opts.jobs > 1 else ""))
+    machine = sitting_machine(opts.device, threads, opts.jobs)
 
     plan = [(label, multiple, method, repeat) for repeat in range(opts.repeats)
             for label, multiple, method in run_configs(opts.multiples, opts.methods)
@@ -561,7 +566,7 @@ def main(argv=None) -> int:
                 return None
             wall = Sittings(run_dir).total_s
         else:
-            wall = run_resumably(run_dir, cmd, label, threads, opts.fresh, f"{machine_name(opts.device)}, {setting}")
+            wall = run_resumably(run_dir, cmd, label, threads, opts.fresh, machine)
         summary = json.loads((run_dir / "summary.json").read_text())
         row = summarise(label, multiple, method, summary, wall, task["metric"], repeat, task.get("extra_metrics", ()))
         row["machines"] = Sittings(run_dir).machines  # where it trained, as its sittings recorded it
@@ -579,11 +584,11 @@ def main(argv=None) -> int:
     rows = added + rows
     if not rows:
         raise SystemExit(f"no run in {out} has finished")
-    machine = machines_line(m for row in rows for m in row["machines"])
+    machines = machines_line(m for row in rows for m in row["machines"])
 
-    (out / "results.json").write_text(json.dumps({"task": opts.task, "epochs": epochs, "machine": machine,
+    (out / "results.json").write_text(json.dumps({"task": opts.task, "epochs": epochs, "machine": machines,
                                                   "command": " ".join(sys.argv), "runs": rows}, indent=1))
-    table = to_markdown(rows, task, machine)
+    table = to_markdown(rows, task, machines)
     (out / "table.md").write_text(table + "\n")
     plot(rows, task, out, f"{opts.task}: base batch {task['base_batch']}, {epochs:g} epochs")
     print(table)
